@@ -1,0 +1,5 @@
+"""``python -m osstune`` runs the command-line tool."""
+
+from osstune.cli import main
+
+raise SystemExit(main())

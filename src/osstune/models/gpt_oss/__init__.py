@@ -1,0 +1,1 @@
+"""osstune.models.gpt_oss."""
