@@ -32,6 +32,9 @@ TOOLS_CHANNEL_LINE = "\nCalls to these tools must go to the commentary channel: 
 _NESTED_PROPERTY_INDENT = " " * 16
 _ONE_OF_DEFAULT_INDENT = " " * 20
 
+# How many distinct developer texts a codec keeps encoded.
+_REPEATED_TEXT_MEMO = 256
+
 # A piece of a token stream: a special token id, text to encode as ordinary text, or ids encoded already.
 _Piece = int | str | tuple[int, ...]
 
@@ -364,7 +367,7 @@ def _render(
         text = f"# Instructions\n\n{prepared.developer}\n\n" if prepared.developer else ""
         if prepared.tools:
             text += "# Tools\n\n" + render_functions_namespace(prepared.tools)
-        _add(plan, False, tok.start, "developer", tok.message, text, tok.end)
+        _add(plan, False, tok.start, "developer", tok.message, codec.repeated_text_ids(text), tok.end)
     next_final = _next_final(turns, end)
     for index in range(end):
         turn = turns[index]
@@ -451,17 +454,29 @@ def _assemble(plan: _Plan, encoded: dict[str, list[int]], train_all: bool) -> Sa
 @dataclass(frozen=True)
 class _Codec:
     """Per-tokenizer state: the special ids, an encoder that treats special-token text as ordinary text, and the
-    cached system messages."""
+    ids of the system and developer messages, which recur across a dataset."""
 
     tokens: HarmonyTokens
     ordinary: Tokenizer
     _systems: dict[tuple[str, str, str, bool], tuple[int, ...]] = field(default_factory=dict)
+    _repeated: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def encode_texts(self, plans: Sequence[_Plan]) -> dict[str, list[int]]:
         """Encode every distinct text of the plans in one batch call, as ordinary text (no special tokens)."""
         texts = list({piece: None for plan in plans for piece in plan.pieces if isinstance(piece, str)})
         encodings = self.ordinary.encode_batch(texts, add_special_tokens=False)
         return {text: encoding.ids for text, encoding in zip(texts, encodings)}
+
+    def repeated_text_ids(self, text: str) -> tuple[int, ...]:
+        """Ids of a text that recurs across a dataset (developer instructions and tool definitions), memoised;
+        the memo is emptied when it reaches ``_REPEATED_TEXT_MEMO`` entries."""
+        cached = self._repeated.get(text)
+        if cached is None:
+            if len(self._repeated) >= _REPEATED_TEXT_MEMO:
+                self._repeated.clear()
+            cached = tuple(self.ordinary.encode(text, add_special_tokens=False).ids)
+            self._repeated[text] = cached
+        return cached
 
     def system_ids(self, options: RenderOptions, has_tools: bool) -> tuple[int, ...]:
         """The ids of the whole system message (``<|start|>system ... <|end|>``), computed once per setting."""
