@@ -1,0 +1,222 @@
+"""Grouped forward of gpt-oss experts, with LoRA updates computed as ``(X @ A) @ B``.
+
+Tensor names carry their shape: T tokens, K experts per token, S = T * K (token, expert) pairs, E experts,
+H hidden size, I the input and O the output width of one projection, R the LoRA rank.
+
+The (token, expert) pairs are sorted by expert once per layer; every projection is then one grouped matmul over
+contiguous row blocks (``torch.nn.functional.grouped_mm`` on CUDA), or, where that kernel does not apply (CPU,
+float32, unaligned widths), a loop over the experts' row blocks that computes the same function. The LoRA update
+is never added to the expert weights: for expert e, ``y = x @ W[e] + b[e] + scaling * (x @ A[e]) @ B[e]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUPED_MM_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+"""Dtypes for which the CUDA grouped matmul kernel is used."""
+
+GROUPED_MM_ALIGN_BYTES = 16
+"""The CUDA grouped matmul kernel needs every row stride to be a multiple of this many bytes."""
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """Low-rank update of a stack of expert weights: expert e computes ``x @ (W[e] + scaling * a[e] @ b[e])``.
+
+    Args:
+        a_EIR: first factor, [experts, in, rank]; the input is multiplied by it first.
+        b_ERO: second factor, [experts, rank, out].
+        scaling: multiplier of the update (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
+    """
+
+    a_EIR: torch.Tensor
+    b_ERO: torch.Tensor
+    scaling: float
+
+
+@dataclass(frozen=True)
+class ExpertRouting:
+    """The (token, expert) pairs of one batch, sorted by expert.
+
+    Args:
+        token_S: the token each sorted pair reads, [S].
+        pair_S: each sorted pair's position in the flattened ``[T * K]`` routing tensors, [S].
+        expert_S: the expert of each sorted pair, ascending, [S].
+        ends_E: int32 end row of each expert's block: expert e owns rows ``ends_E[e - 1]:ends_E[e]``, [E].
+    """
+
+    token_S: torch.Tensor
+    pair_S: torch.Tensor
+    expert_S: torch.Tensor
+    ends_E: torch.Tensor
+
+
+def route_by_expert(router_indices_TK: torch.Tensor, num_experts: int) -> ExpertRouting:
+    """Sort the (token, expert) pairs chosen by the router by expert, without synchronising with the host.
+
+    Args:
+        router_indices_TK: expert ids chosen for each token, [T, K], integer.
+        num_experts: number of experts E of the layer.
+
+    Returns:
+        The sorted pairs; pairs of one expert keep their token order.
+    """
+    top_k = router_indices_TK.shape[-1]
+    expert_flat = router_indices_TK.reshape(-1)
+    pair_S = torch.argsort(expert_flat, stable=True)
+    expert_S = expert_flat[pair_S]
+    bounds_E = torch.arange(1, num_experts + 1, device=expert_S.device, dtype=expert_S.dtype)
+    ends_E = torch.searchsorted(expert_S, bounds_E).to(torch.int32)
+    return ExpertRouting(token_S=pair_S // top_k, pair_S=pair_S, expert_S=expert_S, ends_E=ends_E)
+
+
+def grouped_mm_applies(x_SI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """Whether the CUDA grouped matmul kernel can compute ``x_SI`` times the stacked weights ``w_EIO``.
+
+    Args:
+        x_SI: the rows, sorted by expert, [S, I].
+        w_EIO: the expert weights, [E, I, O].
+
+    Returns:
+        True on CUDA for float16/bfloat16 operands of one dtype whose widths I and O are 16-byte aligned.
+    """
+    if x_SI.device.type != "cuda" or x_SI.dtype not in GROUPED_MM_DTYPES or w_EIO.dtype != x_SI.dtype:
+        return False
+    step = GROUPED_MM_ALIGN_BYTES // x_SI.element_size()
+    return w_EIO.shape[1] % step == 0 and w_EIO.shape[2] % step == 0
+
+
+def grouped_matmul(x_SI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Multiply each expert's block of rows by that expert's weight.
+
+    Args:
+        x_SI: rows sorted by expert, [S, I].
+        w_EIO: expert weights, [E, I, O]; a weight that does not require grad gets no gradient computed.
+        ends_E: int32 end row of each expert's block, [E] (see ``ExpertRouting``).
+        grouped: use the grouped matmul kernel (one launch, no host sync); otherwise loop over the experts'
+            blocks (one host sync to read ``ends_E``).
+
+    Returns:
+        ``out[s] = x_SI[s] @ w_EIO[e]`` for the expert e owning row s, [S, O].
+    """
+    if grouped:
+        kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return kernel(x_SI, w_EIO, offs=ends_E)
+    ends = ends_E.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat([x_SI[start:end] @ w_EIO[e] for e, (start, end) in enumerate(zip(starts, ends))])
+
+
+def pad_rank(factors: LoraFactors, multiple: int) -> LoraFactors:
+    """Pad the rank of a LoRA update with zeros up to a multiple, leaving the update unchanged.
+
+    Args:
+        factors: the update.
+        multiple: the rank is rounded up to a multiple of this.
+
+    Returns:
+        ``factors`` itself when the rank already is a multiple, else zero-padded contiguous factors.
+    """
+    pad = -factors.a_EIR.shape[-1] % multiple
+    if pad == 0:
+        return factors
+    return LoraFactors(
+        a_EIR=F.pad(factors.a_EIR, (0, pad)).contiguous(),
+        b_ERO=F.pad(factors.b_ERO, (0, 0, 0, pad)).contiguous(),
+        scaling=factors.scaling,
+    )
+
+
+def expert_linear(
+    x_SI: torch.Tensor,
+    w_EIO: torch.Tensor,
+    bias_EO: torch.Tensor | None,
+    routing: ExpertRouting,
+    loras: Sequence[LoraFactors],
+    grouped: bool,
+) -> torch.Tensor:
+    """One expert projection with LoRA: ``x @ W[e] + b[e] + sum over loras of scaling * (x @ A[e]) @ B[e]``.
+
+    Args:
+        x_SI: rows sorted by expert, [S, I], in the dtype of ``w_EIO``.
+        w_EIO: expert weights, [E, I, O].
+        bias_EO: expert biases, [E, O], or None.
+        routing: the sorted pairs the rows belong to.
+        loras: LoRA updates of ``w_EIO``, summed (one per active adapter); their factors are cast to the dtype
+            of ``w_EIO``.
+        grouped: use the grouped matmul kernel (see ``grouped_matmul``); the LoRA rank is then zero-padded to the
+            kernel's alignment.
+
+    Returns:
+        The projected rows, [S, O].
+    """
+    # In-place adds are safe: no matmul keeps its output for the backward pass.
+    out_SO = grouped_matmul(x_SI, w_EIO, routing.ends_E, grouped)
+    if bias_EO is not None:
+        out_SO.add_(bias_EO.index_select(0, routing.expert_S))
+    for factors in loras:
+        factors = LoraFactors(
+            a_EIR=factors.a_EIR.to(w_EIO.dtype),
+            b_ERO=factors.b_ERO.to(w_EIO.dtype).contiguous(),
+            scaling=factors.scaling,
+        )
+        if grouped:
+            factors = pad_rank(factors, GROUPED_MM_ALIGN_BYTES // w_EIO.element_size())
+        mid_SR = grouped_matmul(x_SI, factors.a_EIR, routing.ends_E, grouped) * factors.scaling
+        out_SO.add_(grouped_matmul(mid_SR, factors.b_ERO, routing.ends_E, grouped))
+    return out_SO
+
+
+def experts_forward(
+    hidden_TH: torch.Tensor,
+    router_indices_TK: torch.Tensor,
+    routing_weights_TK: torch.Tensor,
+    *,
+    gate_up_EHF: torch.Tensor,
+    gate_up_bias_EF: torch.Tensor | None,
+    down_EIH: torch.Tensor,
+    down_bias_EH: torch.Tensor | None,
+    apply_gate: Callable[[torch.Tensor], torch.Tensor],
+    gate_up_loras: Sequence[LoraFactors] = (),
+    down_loras: Sequence[LoraFactors] = (),
+    grouped: bool | None = None,
+) -> torch.Tensor:
+    """The mixture of experts of one gpt-oss layer, with optional LoRA updates on both projections.
+
+    Args:
+        hidden_TH: token states, [T, H].
+        router_indices_TK: experts chosen per token, [T, K].
+        routing_weights_TK: weight of each chosen expert, [T, K].
+        gate_up_EHF: gate/up weights, [E, H, F] with F = 2 * intermediate (gate and up columns interleaved).
+        gate_up_bias_EF: gate/up biases, [E, F], or None.
+        down_EIH: down weights, [E, intermediate, H].
+        down_bias_EH: down biases, [E, H], or None.
+        apply_gate: the activation, [S, F] -> [S, intermediate] (``GptOssExperts._apply_gate``).
+        gate_up_loras: LoRA updates of ``gate_up_EHF``.
+        down_loras: LoRA updates of ``down_EIH``.
+        grouped: force (True) or forbid (False) the grouped matmul kernel; None uses it where it applies
+            (CUDA, float16/bfloat16, aligned widths), which keeps the forward free of host syncs.
+
+    Returns:
+        The routing-weighted sum of each token's expert outputs, [T, H], in the dtype of ``hidden_TH`` (summed in
+        at least float32).
+    """
+    num_tokens, top_k = router_indices_TK.shape
+    routing = route_by_expert(router_indices_TK, gate_up_EHF.shape[0])
+    x_SH = hidden_TH.to(gate_up_EHF.dtype).index_select(0, routing.token_S)
+    if grouped is None:
+        grouped = grouped_mm_applies(x_SH, gate_up_EHF) and grouped_mm_applies(x_SH, down_EIH)
+    gate_up_SF = expert_linear(x_SH, gate_up_EHF, gate_up_bias_EF, routing, gate_up_loras, grouped)
+    act_SI = apply_gate(gate_up_SF)
+    out_SH = expert_linear(act_SI, down_EIH, down_bias_EH, routing, down_loras, grouped)
+    weights_S = routing_weights_TK.reshape(-1).index_select(0, routing.pair_S).to(out_SH.dtype)
+    weighted_SH = out_SH * weights_S[:, None]
+    pairs_SH = torch.zeros_like(weighted_SH).index_copy(0, routing.pair_S, weighted_SH)
+    accumulate = torch.promote_types(pairs_SH.dtype, torch.float32)
+    summed_TH = pairs_SH.view(num_tokens, top_k, -1).sum(dim=1, dtype=accumulate)
+    return summed_TH.to(hidden_TH.dtype)
