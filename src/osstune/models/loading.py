@@ -1,0 +1,296 @@
+"""Loading a local model folder for training or inference: gpt-oss first-class, any other causal LM generically.
+
+gpt-oss MXFP4 checkpoints are dequantised on load (``Mxfp4Config(dequantize=True)``) to the requested dtype;
+attention is ``flex_attention`` on CUDA and ``eager`` on CPU, the two transformers implementations that apply
+gpt-oss's attention sinks. Other models load through ``AutoModelForCausalLM`` with sdpa attention.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from osstune.errors import OsstuneError
+from osstune.models.local import is_gpt_oss, load_tokenizer, read_model_config, resolve_model_dir
+from osstune.models.memory import estimate_load_bytes, format_bytes, free_memory_bytes
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+"""``--torch_dtype`` spellings and the dtype each means (``auto`` is resolved from the config)."""
+
+GPT_OSS_ATTN_IMPLS: tuple[str, ...] = ("eager", "flex_attention")
+"""Attention implementations of transformers that apply gpt-oss's attention sinks (flex_attention on CUDA only)."""
+
+WEIGHT_FILES: tuple[tuple[str, str], ...] = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+"""Weight layouts a model folder may use, in order of preference: a single file, or a sharded index."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for LoRA, with what was decided while loading it.
+
+    Args:
+        model: the ``PreTrainedModel`` (gpt-oss experts dequantised), on ``device``.
+        tokenizer: the folder's tokenizer.
+        model_dir: the model folder, absolute (PEFT records it in saved adapters).
+        config: the parsed ``config.json``.
+        is_gpt_oss: whether the model took the gpt-oss path (harmony rendering, expert LoRA).
+        attn_impl: the attention implementation in use.
+        dtype: the dtype of the weights.
+        device: where the weights are.
+    """
+
+    model: Any
+    tokenizer: Any
+    model_dir: Path
+    config: dict[str, Any]
+    is_gpt_oss: bool
+    attn_impl: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
+    """The torch dtype meant by a ``--torch_dtype`` value.
+
+    Args:
+        name: bfloat16, bf16, float16, fp16, float32, fp32 or auto (case-insensitive).
+        config: the model's ``config.json``; ``auto`` takes its ``dtype`` (or ``torch_dtype``), else bfloat16.
+
+    Raises:
+        OsstuneError: an unknown name.
+    """
+    key = name.lower()
+    if key == "auto":
+        key = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").lower()
+    if key not in DTYPES:
+        raise OsstuneError(f"--torch_dtype {name}: unknown dtype; use one of {', '.join(DTYPES)} or auto.")
+    return DTYPES[key]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to load onto.
+
+    Args:
+        device: ``cpu``, ``cuda`` or ``cuda:N``; None picks the current CUDA device when CUDA is available, else the
+            CPU.
+
+    Raises:
+        OsstuneError: an unknown device name, or CUDA asked for where it is not available.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise OsstuneError(f"device {device!r}: not a device name; use cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OsstuneError(f"device {device}: CUDA is not available on this machine; use cpu.")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    elif resolved.type != "cpu":
+        raise OsstuneError(f"device {device}: osstune loads models onto cpu or cuda only.")
+    return resolved
+
+
+def resolve_attn_impl(attn_impl: str | None, *, gpt_oss: bool, device: torch.device) -> str:
+    """The attention implementation to load the model with.
+
+    Args:
+        attn_impl: the user's choice; None or ``auto`` picks flex_attention on CUDA and eager on CPU for gpt-oss,
+            sdpa for other models. Other models take any name transformers accepts.
+        gpt_oss: whether the model is gpt-oss.
+        device: the device the model is loaded onto.
+
+    Raises:
+        OsstuneError: for gpt-oss, an implementation that ignores its attention sinks (sdpa, flash_attention_2, ...),
+            or flex_attention on CPU.
+    """
+    if not gpt_oss:
+        return "sdpa" if attn_impl in (None, "auto") else attn_impl
+    if attn_impl in (None, "auto"):
+        return "flex_attention" if device.type == "cuda" else "eager"
+    if attn_impl not in GPT_OSS_ATTN_IMPLS:
+        raise OsstuneError(
+            f"--attn_impl {attn_impl}: gpt-oss's attention has learned sinks, which {attn_impl} does not apply. "
+            "Use flex_attention (CUDA) or eager (any device), or leave --attn_impl unset to pick one."
+        )
+    if attn_impl == "flex_attention" and device.type != "cuda":
+        raise OsstuneError(
+            "--attn_impl flex_attention: transformers applies gpt-oss's attention sinks with flex_attention on CUDA "
+            "only. Use eager on the CPU."
+        )
+    return attn_impl
+
+
+def check_weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of a model folder, checked to exist.
+
+    Args:
+        model_dir: the model folder.
+
+    Returns:
+        The single weight file, or every shard named by the index, in index order.
+
+    Raises:
+        OsstuneError: no weights, an unreadable index, or a shard the index names is missing.
+    """
+    for single, index in WEIGHT_FILES:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            try:
+                weight_map = json.loads((model_dir / index).read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise OsstuneError(f"{model_dir / index}: not a weight index (no weight_map).") from None
+            shards = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+            missing = [shard.name for shard in shards if not shard.is_file()]
+            if missing:
+                raise OsstuneError(
+                    f"--model {model_dir}: {missing[0]} is missing ({len(missing)} of {len(shards)} shards named by "
+                    f"{index} are absent); the download is incomplete."
+                )
+            return shards
+    raise OsstuneError(
+        f"--model {model_dir}: model.safetensors is missing (no weights and no model.safetensors.index.json); "
+        "the folder holds only the config and tokenizer, or the download is incomplete."
+    )
+
+
+def load_model(
+    model: str | Path,
+    *,
+    torch_dtype: str = "bfloat16",
+    attn_impl: str | None = None,
+    device: str | None = None,
+    console: Console | None = None,
+) -> LoadedModel:
+    """Load a local causal LM and its tokenizer, printing the memory need and a one-line summary.
+
+    Args:
+        model: the model folder.
+        torch_dtype: dtype of the loaded weights (see ``resolve_dtype``); MXFP4 experts are dequantised to it.
+        attn_impl: attention implementation (see ``resolve_attn_impl``).
+        device: where to load (see ``resolve_device``).
+        console: where to print; a stderr console when None.
+
+    Returns:
+        The model in eval mode, its tokenizer and what was decided.
+
+    Raises:
+        OsstuneError: a missing folder, config, tokenizer or weight file, an unknown dtype or device, an attention
+            implementation gpt-oss cannot use, or a checkpoint transformers refuses.
+    """
+    console = console or Console(stderr=True)
+    model_dir = resolve_model_dir(str(model)).resolve()
+    config = read_model_config(model_dir)
+    check_weight_files(model_dir)
+    gpt_oss = is_gpt_oss(config)
+    dtype = resolve_dtype(torch_dtype, config)
+    target = resolve_device(device)
+    attn = resolve_attn_impl(attn_impl, gpt_oss=gpt_oss, device=target)
+    tokenizer = load_tokenizer(model_dir)
+    if not gpt_oss:
+        _say(console, f"generic path: {config.get('model_type', 'unknown model type')}; "
+                      "harmony-specific features are off")
+    _report_memory(console, config, dtype, target)
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn, "device_map": {"": target}}
+    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    try:
+        with _quiet_transformers():
+            loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise OsstuneError(f"--model {model_dir}: transformers could not load the model ({exc}).") from None
+    seconds = time.perf_counter() - start
+    params = sum(param.numel() for param in loaded.parameters())
+    dtype_name = str(dtype).removeprefix("torch.")
+    _say(console, f"loaded {model_dir}: dtype {dtype_name}, attn {attn}, {_format_count(params)} params, "
+                  f"{target}, {seconds:.1f}s")
+    return LoadedModel(
+        model=loaded.eval(),
+        tokenizer=tokenizer,
+        model_dir=model_dir,
+        config=config,
+        is_gpt_oss=gpt_oss,
+        attn_impl=attn,
+        dtype=dtype,
+        device=target,
+    )
+
+
+def _report_memory(console: Console, config: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
+    """Print the estimated weight memory against what ``device`` has free; warn (never refuse) when short.
+
+    Args:
+        console: where to print.
+        config: the model's ``config.json``.
+        dtype: the dtype the weights load in.
+        device: the device they load onto.
+    """
+    try:
+        need = estimate_load_bytes(config, dtype)
+    except OsstuneError as exc:
+        _say(console, f"memory: {exc}")
+        return
+    free = free_memory_bytes(device)
+    where = "host RAM" if device.type == "cpu" else str(device)
+    free_text = f"{format_bytes(free)} free on {where}" if free is not None else f"free {where} unknown"
+    _say(console, f"memory: weights need ~{format_bytes(need)}; {free_text}")
+    if free is not None and need > free:
+        _say(console, f"warning: the weights alone need more than the {format_bytes(free)} free on {where}; "
+                      "loading may fail or swap", style="yellow")
+
+
+def _format_count(count: int) -> str:
+    """A parameter count for people: 20.91B, 845.2K."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f}{suffix}"
+    return str(count)
+
+
+def _say(console: Console, text: str, style: str | None = None) -> None:
+    """Print one line verbatim (no markup or highlighting: paths may hold brackets)."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars for the duration, restoring the previous settings."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
