@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,3 +32,11 @@ def harmony_encoding() -> Iterator[Any]:
             os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
         else:
             os.environ["TIKTOKEN_ENCODINGS_BASE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny gpt-oss in the real Hugging Face layout, experts in MXFP4 (written once per test session)."""
+    from osstune.models.gpt_oss.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-gpt-oss") / "model", mxfp4=True)

@@ -13,7 +13,7 @@ GROUPS = (ModelArgs, DataArgs, TemplateArgs)
 
 
 def parse(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="osstune data")
+    parser = argparse.ArgumentParser(prog="osstune data", allow_abbrev=False)
     for g in GROUPS:
         add_group(parser, g)
     parser.add_argument("--config", default=None)

@@ -35,11 +35,21 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
+    Command("sft", "LoRA fine-tuning (ms-swift flags; TRL names as aliases).",
+            ("osstune.train.args:LoadArgs", "osstune.train.args:SftDataArgs", TemplateArgs,
+             "osstune.train.args:LoraArgs", "osstune.train.args:TrainArgs", "osstune.train.args:TrackArgs"),
+            "osstune.train.sft:run"),
     Command("data", "Validate, render and inspect datasets with a model's tokenizer (no weights are read).",
             (ModelArgs, DataArgs, TemplateArgs, "osstune.data.command:DataCommandArgs"),
             "osstune.data.command:run"),
     Command("demo", "Fine-tune a tiny gpt-oss on the bundled demo data, on CPU, in minutes.",
-            (), "osstune.demo:run"),
+            ("osstune.demo:DemoArgs",), "osstune.demo:run"),
+    Command("tiny-model", "Write a tiny random gpt-oss (real HF layout, MXFP4 experts) for tests and demos.",
+            ("osstune.models.gpt_oss.tiny:TinyModelArgs",), "osstune.models.gpt_oss.tiny:run"),
+    Command("watch", "Serve the SwanLab dashboard of local runs on 127.0.0.1.",
+            ("osstune.tracking.watch:WatchArgs",), "osstune.tracking.watch:run"),
+    Command("report", "Write report.html and PNG charts for a run folder, and print its summary.",
+            ("osstune.tracking.report:ReportArgs",), "osstune.tracking.report:run"),
 )
 
 
@@ -51,7 +61,7 @@ def _resolve(ref: type | str) -> object:
 
 
 def _parser_for(cmd: Command, sub: argparse._SubParsersAction) -> tuple[argparse.ArgumentParser, list[type]]:
-    parser = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.summary)
+    parser = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.summary, allow_abbrev=False)
     groups = [_resolve(g) for g in cmd.groups]
     for g in groups:
         add_group(parser, g)  # type: ignore[arg-type]
@@ -64,7 +74,7 @@ def _parser_for(cmd: Command, sub: argparse._SubParsersAction) -> tuple[argparse
 def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, tuple]]:
     """Build the top-level parser; only the subcommand ``only`` gets its flags (the others import nothing)."""
     parser = argparse.ArgumentParser(
-        prog="osstune", description="LoRA fine-tuning for OpenAI's gpt-oss models, end to end.")
+        prog="osstune", description="LoRA fine-tuning for OpenAI's gpt-oss models, end to end.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"osstune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}

@@ -1,0 +1,346 @@
+"""``osstune sft``: LoRA fine-tuning on the Hugging Face Trainer, in a self-describing run folder.
+
+Pipeline: run folder and ``args.json`` -> model (MXFP4 dequantised) -> data (harmony-rendered, cached) -> LoRA on
+attention and experts -> Trainer (atomic checkpoints, guards, tracking) -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import osstune
+from osstune.config import TemplateArgs
+from osstune.errors import OsstuneError
+from osstune.train.args import LoadArgs, LoraArgs, SftDataArgs, TrackArgs, TrainArgs
+from osstune.train.run_dir import new_run_dir, redact, write_json_atomic
+
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+
+
+@dataclass
+class SftConfig:
+    """Every flag of ``osstune sft``, grouped; also the Python API's training configuration."""
+
+    load: LoadArgs
+    data: SftDataArgs
+    template: TemplateArgs
+    lora: LoraArgs
+    train: TrainArgs
+    track: TrackArgs
+
+    @classmethod
+    def from_groups(cls, groups: dict[type, Any]) -> "SftConfig":
+        """Build from the parsed CLI groups."""
+        return cls(groups[LoadArgs], groups[SftDataArgs], groups[TemplateArgs], groups[LoraArgs],
+                   groups[TrainArgs], groups[TrackArgs])
+
+    def to_json(self) -> dict[str, Any]:
+        """One flat dict of flag: value (secrets redacted), as saved in ``args.json``."""
+        flat: dict[str, Any] = {}
+        for group in dataclasses.fields(self):
+            flat.update(dataclasses.asdict(getattr(self, group.name)))
+        return redact(flat)
+
+
+SFT_GROUPS: tuple[type, ...] = (LoadArgs, SftDataArgs, TemplateArgs, LoraArgs, TrainArgs, TrackArgs)
+
+
+def run(groups: dict[type, Any]) -> int:
+    """CLI entry point of ``osstune sft``; returns the exit code."""
+    return train(SftConfig.from_groups(groups)).exit_code
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Args:
+        run_dir: the run folder.
+        last_checkpoint: the newest complete checkpoint, if any.
+        exit_code: 0 done; 130/143 stopped by SIGINT/SIGTERM after saving; 1 stopped on a non-finite loss.
+        global_step: optimizer steps completed.
+    """
+
+    run_dir: Path
+    last_checkpoint: Path | None
+    exit_code: int
+    global_step: int
+
+
+def _check_flags(cfg: SftConfig) -> None:
+    """Reject flag combinations that cannot work, before anything is written or loaded."""
+    from osstune.models.local import resolve_model_dir
+
+    resolve_model_dir(cfg.load.model)
+    if not cfg.data.dataset:
+        raise OsstuneError("--dataset is required: give one or more files, folders or dataset names.")
+    if cfg.train.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise OsstuneError(
+                f"--deepspeed {cfg.train.deepspeed}: DeepSpeed is not installed. Install it with "
+                "`pip install deepspeed` (on a machine with CUDA), or leave --deepspeed out to train on one "
+                "device.") from None
+    if cfg.data.packing and not cfg.data.max_length:
+        raise OsstuneError("--packing true needs --max_length: packed rows are at most that many tokens.")
+    if cfg.train.lr_scheduler_kwargs:
+        try:
+            value = json.loads(cfg.train.lr_scheduler_kwargs)
+        except json.JSONDecodeError as exc:
+            raise OsstuneError(f"--lr_scheduler_kwargs: not valid JSON ({exc.msg}); write e.g. "
+                               "'{\"min_lr_rate\": 0.1}'.") from None
+        if not isinstance(value, dict):
+            raise OsstuneError("--lr_scheduler_kwargs: expected a JSON object such as '{\"min_lr_rate\": 0.1}'.")
+    if cfg.train.lr_scheduler_type == "cosine_with_min_lr" and not cfg.train.lr_scheduler_kwargs:
+        raise OsstuneError("--lr_scheduler_type cosine_with_min_lr needs --lr_scheduler_kwargs "
+                           "'{\"min_lr_rate\": 0.1}' (or min_lr).")
+    if cfg.train.resume_from_checkpoint and not Path(cfg.train.resume_from_checkpoint).is_dir():
+        raise OsstuneError(f"--resume_from_checkpoint {cfg.train.resume_from_checkpoint}: no such checkpoint folder.")
+
+
+def _deepspeed_config(value: str | None) -> str | None:
+    """A preset name becomes the JSON shipped in the package; a path is used as is."""
+    if not value:
+        return None
+    if value in DEEPSPEED_PRESETS:
+        from importlib.resources import files
+
+        return str(files("osstune") / "resources" / "deepspeed" / f"{value}.json")
+    if not Path(value).is_file():
+        raise OsstuneError(f"--deepspeed {value}: not a preset ({', '.join(DEEPSPEED_PRESETS)}) and no such file.")
+    return value
+
+
+def _liger_notice(training: TrainArgs, console: Console, cuda: bool) -> bool:
+    """Whether to pass ``use_liger_kernel`` to the Trainer; explains when it cannot apply (never silent)."""
+    if not training.use_liger_kernel:
+        return False
+    if not cuda:
+        console.print("[yellow]--use_liger_kernel true: liger kernels need CUDA; on CPU the loss uses PyTorch's "
+                      "cross-entropy.[/]")
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        raise OsstuneError("--use_liger_kernel true: liger-kernel is not installed; `pip install liger-kernel`, "
+                           "or pass --use_liger_kernel false.") from None
+    return True
+
+
+def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, use_liger: bool, bf16: bool) -> Any:
+    """The ``transformers.TrainingArguments`` for a run (checkpoint rotation is osstune's, not HF's)."""
+    from transformers import TrainingArguments
+
+    eval_strategy = t.eval_strategy or (t.save_strategy if has_eval else "no")
+    if eval_strategy != "no" and not has_eval:
+        raise OsstuneError(f"--eval_strategy {eval_strategy} needs validation data: pass --val_dataset or "
+                           "--split_dataset_ratio > 0.")
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=json.loads(t.lr_scheduler_kwargs) if t.lr_scheduler_kwargs else {},
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps or t.save_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=None,
+        dataloader_num_workers=t.dataloader_num_workers,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        use_liger_kernel=use_liger,
+        deepspeed=_deepspeed_config(t.deepspeed),
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="no",
+        save_only_model=False,
+        disable_tqdm=False,
+    )
+
+
+def train(cfg: SftConfig, console: Console | None = None) -> TrainResult:
+    """``osstune sft``: run folder, model, data, LoRA, then :func:`fit`.
+
+    Returns:
+        The run folder, the last checkpoint and an exit code (see :class:`TrainResult`).
+    """
+    from transformers import set_seed
+
+    from osstune.data.pipeline import prepare_dataset
+    from osstune.data.report import report_table
+    from osstune.models.loading import load_model
+    from osstune.models.lora import apply_lora, trainable_summary
+
+    console = console or Console()
+    _check_flags(cfg)
+    run_dir = new_run_dir(Path(cfg.train.output_dir))
+    record = cfg.to_json() | {"osstune_version": osstune.__version__, "run_dir": str(run_dir), "command": sys.argv}
+    write_json_atomic(run_dir / "args.json", record)
+    console.print(f"[bold]run folder[/] {run_dir}")
+
+    loaded = load_model(cfg.load.model, torch_dtype=cfg.load.torch_dtype, attn_impl=cfg.load.attn_impl,
+                        console=console)
+    prepared = prepare_dataset(cfg.data, cfg.template.render_options(), loaded.tokenizer)
+    console.print(report_table(prepared.report))
+    write_json_atomic(run_dir / "data_report.json", prepared.report.to_json())
+    set_seed(cfg.data.seed)  # LoRA's random init must not depend on what ran before in this process
+    model = apply_lora(loaded.model, lora_spec(cfg.lora))
+    console.print(trainable_summary(model))
+    return fit(model, loaded.tokenizer, prepared, cfg.train, cfg.track, data_args=cfg.data, run_dir=run_dir,
+               record=record, console=console)
+
+
+def fit(
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    training: TrainArgs,
+    tracking: TrackArgs | None = None,
+    *,
+    data_args: SftDataArgs | None = None,
+    run_dir: Path | None = None,
+    record: dict[str, Any] | None = None,
+    callbacks: tuple[Any, ...] = (),
+    console: Console | None = None,
+) -> TrainResult:
+    """Train an already LoRA-wrapped model on prepared data; the Python API's counterpart of TRL's SFTTrainer.
+
+    Args:
+        model: a PEFT model (see :func:`osstune.models.lora.apply_lora`).
+        tokenizer: its tokenizer.
+        data: a :class:`~osstune.data.pipeline.PreparedDataset` (see :func:`osstune.data.pipeline.prepare_dataset`).
+        training: optimisation, schedule, evaluation and checkpoint settings.
+        tracking: trackers (default: SwanLab in local mode).
+        data_args: packing, max_length and seed (default: ``SftDataArgs()``).
+        run_dir: the run folder; default a new ``v{N}-{timestamp}`` under ``training.output_dir``.
+        record: the configuration saved as ``args.json`` and logged to the trackers.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+        console: where progress and summaries are printed.
+    """
+    import torch
+
+    from osstune.tracking.callbacks import MetricsCallback, make_trackers
+    from osstune.tracking.report import summary_lines, write_report
+    from osstune.train.callbacks import JsonlLogger, RunGuard, SampleGenerations, generation_prompts
+    from osstune.train.trainer import OsstuneTrainer, list_checkpoints
+
+    console = console or Console()
+    tracking = tracking or TrackArgs()
+    data_args = data_args or SftDataArgs()
+    if run_dir is None:
+        run_dir = new_run_dir(Path(training.output_dir))
+        console.print(f"[bold]run folder[/] {run_dir}")
+    args_json = run_dir / "args.json"
+    if record is None:
+        record = redact({**dataclasses.asdict(training), **dataclasses.asdict(tracking),
+                         "osstune_version": osstune.__version__, "run_dir": str(run_dir)})
+    if not args_json.exists():
+        write_json_atomic(args_json, record)
+
+    cuda = torch.cuda.is_available()
+    use_liger = _liger_notice(training, console, cuda)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    targs = training_arguments(training, data_args.seed, run_dir, data.val is not None, use_liger, bf16)
+    if training.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    trackers = make_trackers(tracking.report_to, run_dir, project=tracking.swanlab_project,
+                             experiment=tracking.swanlab_exp_name or run_dir.name, mode=tracking.swanlab_mode,
+                             config=record)
+    metrics = MetricsCallback(trackers)
+    train_set, eval_set, collator = batching(model, tokenizer, data, data_args)
+    trainer = OsstuneTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogger(run_dir / "logging.jsonl"), metrics, *callbacks],
+        keep_checkpoints=training.save_total_limit,
+        extra_files=(args_json,),
+    )
+    guard = RunGuard(trainer)
+    trainer.add_callback(guard)
+    if data.val is not None and training.eval_generation_samples > 0:
+        prompts = generation_prompts(data.val.input_ids, data.val.labels, training.eval_generation_samples)
+        trainer.add_callback(SampleGenerations(tokenizer, prompts, _stop_ids(tokenizer), metrics,
+                                               run_dir / "samples.jsonl"))
+    try:
+        with guard.handling_signals():
+            trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    finally:
+        metrics.finish()
+
+    checkpoints = list_checkpoints(run_dir)
+    last = checkpoints[-1] if checkpoints else None
+    exit_code = 0
+    if trainer.nonfinite_step is not None:
+        exit_code = 1
+        console.print(f"[red]stopped: the loss became NaN or infinite at step {trainer.nonfinite_step}.[/] "
+                      f"The last good checkpoint is {last or '(none: no checkpoint was saved before)'}. "
+                      "Lower --learning_rate, check the data, or use --torch_dtype bfloat16/float32.")
+    elif guard.signal_name is not None:
+        exit_code = 130 if guard.signal_name == "SIGINT" else 143
+        console.print(f"[yellow]stopped by {guard.signal_name} at step {trainer.state.global_step}; checkpoint "
+                      f"{last}. Continue with --resume_from_checkpoint {last}[/]")
+    write_report(run_dir)
+    for line in summary_lines(run_dir):
+        console.print(line)
+    return TrainResult(run_dir, last, exit_code, trainer.state.global_step)
+
+
+def batching(model: Any, tokenizer: Any, data: Any, data_args: SftDataArgs) -> tuple[Any, Any, Any]:
+    """Train and eval datasets and the collator: padded batches, or packed rows with per-sample attention."""
+    from osstune.train.collator import PackingCollator, PaddingCollator, install_packed_attention_masks
+    from osstune.train.dataset import PackedDataset, SampleDataset
+
+    eval_set = SampleDataset(data.val) if data.val is not None else None
+    if data_args.packing:
+        if not data_args.max_length:
+            raise OsstuneError("--packing true needs --max_length: packed rows are at most that many tokens.")
+        install_packed_attention_masks(model)
+        return PackedDataset(data.train, data_args.max_length), eval_set, PackingCollator()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return SampleDataset(data.train), eval_set, PaddingCollator(pad)
+
+
+def lora_spec(lora: LoraArgs) -> Any:
+    """The :class:`~osstune.models.lora.LoraSpec` of the LoRA flags."""
+    from osstune.models.lora import LoraSpec
+
+    return LoraSpec(rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout, use_rslora=lora.use_rslora,
+                    target_modules=tuple(lora.target_modules), target_experts=lora.target_experts,
+                    target_parameters=tuple(lora.target_parameters))
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: harmony's <|return|>, <|end|>, <|call|>, else the EOS token."""
+    from osstune.chat.tokenizer import harmony_tokens
+
+    tok = harmony_tokens(tokenizer)
+    if tok is not None:
+        return [tok.return_, tok.end, tok.call]
+    return [tokenizer.eos_token_id]
