@@ -1,0 +1,165 @@
+"""Generation with the training renderer's prompt, and parsing of harmony completions.
+
+The prompt is :func:`osstune.chat.render.render_prompt`, the very function whose output is the context of every
+trained turn, so inference sees exactly what training showed the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from osstune.chat.messages import Message, ToolCall
+from osstune.chat.options import RenderOptions
+from osstune.chat.render import render_prompt
+from osstune.chat.tokenizer import harmony_tokens
+
+RECIPIENT = re.compile(r"\bto=(functions\.[^\s<]+)")
+CHANNEL = re.compile(r"^\s*(\w+)")
+
+
+@dataclass
+class Reply:
+    """A parsed assistant reply.
+
+    Args:
+        reasoning: the analysis channel text ("" when the model gave none).
+        final: the final answer ("" when the reply ended in a tool call or was cut off).
+        tool_calls: function calls the model made.
+        token_ids: the generated ids, stop token included.
+        finished: whether generation ended on a stop token (rather than the token budget).
+    """
+
+    reasoning: str = ""
+    final: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that always end an assistant turn: ``<|return|>`` and ``<|call|>`` for harmony, else EOS.
+
+    ``<|end|>`` ends a turn too, except after an analysis message, where the model goes on with its answer; see
+    :class:`HarmonyStop`.
+    """
+    tok = harmony_tokens(tokenizer)
+    if tok is not None:
+        return [tok.return_, tok.call]
+    return [tokenizer.eos_token_id]
+
+
+class HarmonyStop(StoppingCriteria):
+    """Stops a row on ``<|return|>`` or ``<|call|>``, and on ``<|end|>`` unless it closes an analysis message.
+
+    Args:
+        tokenizer: a harmony tokenizer.
+        prompt_length: length of the (left-padded) prompt; only generated tokens are inspected.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer, self.tok, self.prompt_length = tokenizer, harmony_tokens(tokenizer), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        tok = self.tok
+        last = input_ids[:, -1]
+        done = (last == tok.return_) | (last == tok.call)
+        for row in torch.nonzero(last == tok.end).flatten().tolist():
+            generated = input_ids[row, self.prompt_length:].tolist()
+            start = max((i for i, t in enumerate(generated) if t == tok.start), default=-1) + 1
+            header = generated[start:]
+            header = header[: header.index(tok.message)] if tok.message in header else header
+            channel = self.tokenizer.decode(header, skip_special_tokens=False).split("<|channel|>")[-1]
+            done[row] = not channel.strip().startswith("analysis")
+        return done
+
+
+def parse_completion(tokenizer: Any, ids: Sequence[int]) -> Reply:
+    """Split generated harmony tokens (what follows ``<|start|>assistant``) into reasoning, answer and calls.
+
+    Args:
+        tokenizer: a harmony tokenizer.
+        ids: the generated ids; generation may have stopped at ``<|end|>`` after an analysis message.
+    """
+    tok = harmony_tokens(tokenizer)
+    reply = Reply(token_ids=list(ids))
+    if tok is None:
+        reply.final = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+        reply.finished = bool(ids) and ids[-1] == tokenizer.eos_token_id
+        return reply
+    reply.finished = bool(ids) and ids[-1] in (tok.return_, tok.end, tok.call)
+    # Messages are separated by <|start|>; each is HEADER <|message|> CONTENT [stop].
+    message: list[int] = []
+    for token in [*ids, tok.start]:
+        if token == tok.start:
+            if message:
+                _add_message(tokenizer, tok, message, reply)
+            message = []
+        else:
+            message.append(token)
+    return reply
+
+
+def _add_message(tokenizer: Any, tok: Any, ids: list[int], reply: Reply) -> None:
+    if tok.message not in ids:
+        return
+    cut = ids.index(tok.message)
+    header = tokenizer.decode(ids[:cut], skip_special_tokens=False)
+    body = [t for t in ids[cut + 1:] if t not in (tok.return_, tok.end, tok.call)]
+    content = tokenizer.decode(body, skip_special_tokens=False)
+    recipient = RECIPIENT.search(header)
+    channel_text = header.split("<|channel|>", 1)[1] if "<|channel|>" in header else ""
+    channel = (CHANNEL.match(channel_text).group(1) if CHANNEL.match(channel_text) else "")
+    if recipient:
+        reply.tool_calls.append(ToolCall(name=recipient.group(1).removeprefix("functions."), arguments=content))
+    elif channel == "analysis":
+        reply.reasoning += content
+    else:
+        reply.final += content
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    messages: Sequence[Message],
+    options: RenderOptions,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    tools: Sequence[dict[str, Any]] = (),
+) -> Reply:
+    """Answer the conversation ``messages`` (greedy when ``temperature`` is 0).
+
+    Args:
+        model: a causal LM (a PEFT model included).
+        tokenizer: its tokenizer.
+        messages: the conversation so far, ending with the user's turn.
+        options: rendering options: date, reasoning effort, identity, default system message.
+        max_new_tokens: generation budget.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_p: nucleus sampling threshold (with temperature > 0).
+        tools: function definitions offered to the model.
+    """
+    prompt = render_prompt(messages, tokenizer, options, tools)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    stops = stop_token_ids(tokenizer)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False}
+    was_training = model.training
+    model.eval()
+    try:
+        criteria = StoppingCriteriaList([HarmonyStop(tokenizer, len(prompt))]) if harmony_tokens(tokenizer) else None
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=stops[0], use_cache=True, stopping_criteria=criteria,
+                             **sampling)
+    finally:
+        model.train(was_training)
+    return parse_completion(tokenizer, out[0, len(prompt):].tolist())
