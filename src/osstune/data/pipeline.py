@@ -58,6 +58,14 @@ class Prepared:
         return {"source": self.sources[i], "index": self.indices[i],
                 "input_ids": self.input_ids[i].tolist(), "labels": self.labels[i].tolist()}
 
+    def to_hf_dataset(self) -> Any:
+        """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns: TRL's ``SFTTrainer`` trains it as a
+        pre-tokenized dataset, with exactly these loss masks."""
+        from datasets import Dataset
+
+        return Dataset.from_dict({"input_ids": [x.tolist() for x in self.input_ids],
+                                  "labels": [x.tolist() for x in self.labels]})
+
     def append(self, source: str, index: int, ids: np.ndarray, labels: np.ndarray) -> None:
         """Add one sample."""
         self.input_ids.append(ids)
