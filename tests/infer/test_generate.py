@@ -62,3 +62,18 @@ def test_prompt_equals_training_context(o200k_tokenizer: Any) -> None:
     last = render_training_samples(Conversation(msgs), o200k_tokenizer, opts)[-1]
     first_trained = next(i for i, label in enumerate(last.labels) if label != IGNORE_INDEX)
     assert render_prompt(msgs[:-1], o200k_tokenizer, opts) == last.input_ids[:first_trained]
+
+
+def test_batch_equals_one_by_one(tiny_model_dir: Any) -> None:
+    """Left-padded batched greedy generation gives each row the tokens it gets alone."""
+    from osstune.infer.generate import generate, generate_batch
+    from osstune.infer.loading import load_for_inference
+
+    loaded = load_for_inference(model=str(tiny_model_dir), torch_dtype="float32")
+    opts = RenderOptions(current_date="2026-01-01")
+    convs = [[Message("user", "Hi")], [Message("system", "Be brief."), Message("user", "What is the capital of "
+                                                                               "France? Answer in one word.")]]
+    batch = generate_batch(loaded.model, loaded.tokenizer, convs, opts, max_new_tokens=12)
+    single = [generate(loaded.model, loaded.tokenizer, c, opts, max_new_tokens=12) for c in convs]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert all(len(r.token_ids) > 0 for r in batch)

@@ -124,6 +124,94 @@ def _add_message(tokenizer: Any, tok: Any, ids: list[int], reply: Reply) -> None
 
 
 @torch.no_grad()
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    options: RenderOptions,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    tools: Sequence[Sequence[dict[str, Any]]] | None = None,
+    max_context: int | None = None,
+) -> list[Reply]:
+    """Answer several conversations in one left-padded batch (greedy when ``temperature`` is 0).
+
+    Each row stops on its own (see :class:`HarmonyStop`); rows that finished early are padded, and their padding
+    is cut before parsing.
+
+    Args:
+        model: a causal LM (a PEFT model included).
+        tokenizer: its tokenizer.
+        conversations: one message list per row, each ending with the user's turn.
+        options: rendering options.
+        max_new_tokens: generation budget per row.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_p: nucleus sampling threshold (with temperature > 0).
+        tools: function definitions per row, if any.
+        max_context: the model's context length; a prompt that leaves no room to generate is an error.
+
+    Raises:
+        OsstuneError: a prompt longer than ``max_context - 1`` tokens.
+    """
+    from osstune.errors import OsstuneError
+
+    prompts = [render_prompt(msgs, tokenizer, options, (tools[i] if tools else ())) for i, msgs in
+               enumerate(conversations)]
+    if max_context is not None:
+        for i, prompt in enumerate(prompts):
+            if len(prompt) >= max_context:
+                raise OsstuneError(f"prompt {i} has {len(prompt):,} tokens, but the model's context is "
+                                   f"{max_context:,}: shorten the conversation or its system message.")
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer)
+    pad = stops[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False}
+    criteria = StoppingCriteriaList([HarmonyStop(tokenizer, width)]) if harmony_tokens(tokenizer) else None
+    budget = max_new_tokens if max_context is None else min(max_new_tokens, max_context - width)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
+                             eos_token_id=stops, pad_token_id=pad, use_cache=True, stopping_criteria=criteria,
+                             **sampling)
+    finally:
+        model.train(was_training)
+    replies = []
+    for row in out[:, width:].tolist():
+        replies.append(parse_completion(tokenizer, _until_stop(row, tokenizer)))
+    return replies
+
+
+def _until_stop(row: list[int], tokenizer: Any) -> list[int]:
+    """A generated row up to and including its stop token (what follows is padding)."""
+    tok = harmony_tokens(tokenizer)
+    if tok is None:
+        eos = tokenizer.eos_token_id
+        return row[: row.index(eos) + 1] if eos in row else row
+    message_channel: list[int] = []
+    for i, token in enumerate(row):
+        if token in (tok.return_, tok.call):
+            return row[: i + 1]
+        if token == tok.start:
+            message_channel = []
+        elif token == tok.end:
+            channel = tokenizer.decode(message_channel, skip_special_tokens=False).split("<|channel|>")[-1]
+            if not channel.strip().startswith("analysis"):
+                return row[: i + 1]
+        else:
+            message_channel.append(token)
+    return row
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -135,31 +223,6 @@ def generate(
     top_p: float = 1.0,
     tools: Sequence[dict[str, Any]] = (),
 ) -> Reply:
-    """Answer the conversation ``messages`` (greedy when ``temperature`` is 0).
-
-    Args:
-        model: a causal LM (a PEFT model included).
-        tokenizer: its tokenizer.
-        messages: the conversation so far, ending with the user's turn.
-        options: rendering options: date, reasoning effort, identity, default system message.
-        max_new_tokens: generation budget.
-        temperature: sampling temperature; 0 means greedy decoding.
-        top_p: nucleus sampling threshold (with temperature > 0).
-        tools: function definitions offered to the model.
-    """
-    prompt = render_prompt(messages, tokenizer, options, tools)
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    stops = stop_token_ids(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False}
-    was_training = model.training
-    model.eval()
-    try:
-        criteria = StoppingCriteriaList([HarmonyStop(tokenizer, len(prompt))]) if harmony_tokens(tokenizer) else None
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=stops[0], use_cache=True, stopping_criteria=criteria,
-                             **sampling)
-    finally:
-        model.train(was_training)
-    return parse_completion(tokenizer, out[0, len(prompt):].tolist())
+    """Answer the conversation ``messages`` (greedy when ``temperature`` is 0); see :func:`generate_batch`."""
+    return generate_batch(model, tokenizer, [messages], options, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, tools=[tools])[0]
