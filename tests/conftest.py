@@ -40,3 +40,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from osstune.models.gpt_oss.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-gpt-oss") / "model", mxfp4=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny gpt-oss with its experts stored dense in bf16."""
+    from osstune.models.gpt_oss.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-gpt-oss-bf16") / "model", mxfp4=False)

@@ -16,7 +16,6 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from osstune.errors import OsstuneError
 from osstune.models import loading, memory
 from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
-from osstune.models.gpt_oss.tiny import write_tiny_model
 from osstune.models.loading import (
     check_weight_files,
     load_model,
@@ -51,17 +50,7 @@ def recording_console() -> tuple[Console, io.StringIO]:
 
 
 @pytest.fixture(scope="module")
-def mxfp4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "mxfp4")
-
-
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "bf16", mxfp4=False)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, mxfp4_dir: Path) -> tuple[Path, LlamaForCausalLM]:
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, LlamaForCausalLM]:
     """A 2-layer random Llama saved with save_pretrained, with the tiny model's tokenizer; and the model itself."""
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -71,7 +60,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, mxfp4_dir: Path) -> tupl
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("llama") / "llama"
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(mxfp4_dir).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return path, model
 
 
@@ -81,17 +70,17 @@ def copy_without(src: Path, dst: Path, *names: str) -> Path:
     return dst
 
 
-def test_mxfp4_loads_dequantised_in_fp32_with_eager_attention(mxfp4_dir: Path, capfd: pytest.CaptureFixture[str]):
+def test_mxfp4_loads_dequantised_in_fp32_with_eager_attention(tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]):
     console, text = recording_console()
-    loaded = load_model(mxfp4_dir, torch_dtype="float32", console=console)
+    loaded = load_model(tiny_model_dir, torch_dtype="float32", console=console)
 
     assert loaded.is_gpt_oss and loaded.attn_impl == "eager"
     assert loaded.dtype == torch.float32 and loaded.device == CPU
-    assert loaded.model_dir == mxfp4_dir.resolve()
+    assert loaded.model_dir == tiny_model_dir.resolve()
     assert loaded.model.config._attn_implementation == "eager"
     assert not loaded.model.training
     assert loaded.tokenizer.convert_tokens_to_ids("<|return|>") == loaded.config["eos_token_id"]
-    stored = load_file(mxfp4_dir / "model.safetensors")
+    stored = load_file(tiny_model_dir / "model.safetensors")
     for layer, block in enumerate(loaded.model.model.layers):
         for name in ("gate_up_proj", "down_proj"):
             prefix = f"model.layers.{layer}.mlp.experts.{name}"
@@ -105,18 +94,18 @@ def test_mxfp4_loads_dequantised_in_fp32_with_eager_attention(mxfp4_dir: Path, c
     lines = text.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("memory: weights need ~3.2 MiB; ") and lines[0].endswith(" free on host RAM")
-    assert lines[1].startswith(f"loaded {mxfp4_dir.resolve()}: dtype float32, attn eager, 845.17K params, cpu, ")
+    assert lines[1].startswith(f"loaded {tiny_model_dir.resolve()}: dtype float32, attn eager, 845.17K params, cpu, ")
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""  # no transformers warnings or progress bars
 
 
-def test_bf16_checkpoint_loads_as_it_is(bf16_dir: Path, mxfp4_dir: Path):
+def test_bf16_checkpoint_loads_as_it_is(tiny_bf16_dir: Path, tiny_model_dir: Path):
     console, _ = recording_console()
-    loaded = load_model(bf16_dir, torch_dtype="bf16", console=console)
+    loaded = load_model(tiny_bf16_dir, torch_dtype="bf16", console=console)
 
     assert loaded.dtype == torch.bfloat16 and loaded.attn_impl == "eager"
     assert "quantization_config" not in loaded.config
-    stored = load_file(mxfp4_dir / "model.safetensors")
+    stored = load_file(tiny_model_dir / "model.safetensors")
     experts = loaded.model.model.layers[2].mlp.experts
     assert experts.down_proj.dtype == torch.bfloat16
     expected = dequantize_mxfp4(
@@ -126,20 +115,20 @@ def test_bf16_checkpoint_loads_as_it_is(bf16_dir: Path, mxfp4_dir: Path):
     assert torch.equal(experts.down_proj, expected)
 
 
-def test_missing_weights_config_and_shards_are_clear_errors(mxfp4_dir: Path, tmp_path: Path):
-    no_weights = copy_without(mxfp4_dir, tmp_path / "no_weights", "model.safetensors")
+def test_missing_weights_config_and_shards_are_clear_errors(tiny_model_dir: Path, tmp_path: Path):
+    no_weights = copy_without(tiny_model_dir, tmp_path / "no_weights", "model.safetensors")
     with pytest.raises(OsstuneError, match="model.safetensors is missing"):
         load_model(no_weights, torch_dtype="float32")
 
-    no_config = copy_without(mxfp4_dir, tmp_path / "no_config", "config.json")
+    no_config = copy_without(tiny_model_dir, tmp_path / "no_config", "config.json")
     with pytest.raises(OsstuneError, match="config.json is missing"):
         load_model(no_config, torch_dtype="float32")
 
     with pytest.raises(OsstuneError, match="no such folder"):
         load_model(tmp_path / "absent")
 
-    sharded = copy_without(mxfp4_dir, tmp_path / "sharded", "model.safetensors")
-    tensors = load_file(mxfp4_dir / "model.safetensors")
+    sharded = copy_without(tiny_model_dir, tmp_path / "sharded", "model.safetensors")
+    tensors = load_file(tiny_model_dir / "model.safetensors")
     names = sorted(tensors)
     halves = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
     for shard, shard_names in halves.items():
@@ -153,9 +142,9 @@ def test_missing_weights_config_and_shards_are_clear_errors(mxfp4_dir: Path, tmp
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
-def test_gpt_oss_refuses_attention_without_sinks(mxfp4_dir: Path, attn: str):
+def test_gpt_oss_refuses_attention_without_sinks(tiny_model_dir: Path, attn: str):
     with pytest.raises(OsstuneError, match=f"--attn_impl {attn}: gpt-oss's attention has learned sinks") as error:
-        load_model(mxfp4_dir, torch_dtype="float32", attn_impl=attn)
+        load_model(tiny_model_dir, torch_dtype="float32", attn_impl=attn)
     assert "Use flex_attention (CUDA) or eager" in str(error.value)
 
 
@@ -203,10 +192,10 @@ def test_generic_model_loads_on_the_generic_path(llama_dir: tuple[Path, LlamaFor
     assert lines[2].startswith(f"loaded {path.resolve()}: dtype float32, attn sdpa, 212.13K params, cpu, ")
 
 
-def test_memory_warning_when_short(mxfp4_dir: Path, monkeypatch: pytest.MonkeyPatch):
+def test_memory_warning_when_short(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(loading, "free_memory_bytes", lambda device: 2**20)
     console, text = recording_console()
-    load_model(mxfp4_dir, torch_dtype="float32", console=console)
+    load_model(tiny_model_dir, torch_dtype="float32", console=console)
     lines = text.getvalue().splitlines()
     assert lines[:2] == [
         "memory: weights need ~3.2 MiB; 1.0 MiB free on host RAM",
@@ -214,9 +203,9 @@ def test_memory_warning_when_short(mxfp4_dir: Path, monkeypatch: pytest.MonkeyPa
     ]
 
 
-def test_estimate_is_exact_for_the_tiny_model(mxfp4_dir: Path, llama_dir: tuple[Path, LlamaForCausalLM]):
+def test_estimate_is_exact_for_the_tiny_model(tiny_model_dir: Path, llama_dir: tuple[Path, LlamaForCausalLM]):
     console, _ = recording_console()
-    loaded = load_model(mxfp4_dir, torch_dtype="float32", console=console)
+    loaded = load_model(tiny_model_dir, torch_dtype="float32", console=console)
     real = sum(param.numel() for param in loaded.model.parameters())
     assert count_parameters(loaded.config) == real == 845_168
     assert estimate_load_bytes(loaded.config, torch.float32) == 4 * real

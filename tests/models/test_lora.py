@@ -17,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.moe_lora import GroupedExpertLoraForward
-from osstune.models.gpt_oss.tiny import write_tiny_model
 from osstune.models.loading import load_model
 from osstune.models.lora import LoraSpec, apply_lora, lora_targets, trainable_summary
 
@@ -33,14 +32,9 @@ def quiet() -> Console:
     return Console(file=io.StringIO())
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "mxfp4", mxfp4=True)
-
-
-def base(tiny_dir: Path) -> nn.Module:
+def base(tiny_model_dir: Path) -> nn.Module:
     """A freshly loaded tiny gpt-oss in float32."""
-    return load_model(tiny_dir, torch_dtype="float32", console=quiet()).model
+    return load_model(tiny_model_dir, torch_dtype="float32", console=quiet()).model
 
 
 def lora_module_names(model: nn.Module) -> set[str]:
@@ -69,19 +63,19 @@ def expert_names(layers: range | tuple[int, ...]) -> list[str]:
     return [f"{layer}.mlp.experts.{name}" for layer in layers for name in ("gate_up_proj", "down_proj")]
 
 
-def test_all_linear_wraps_exactly_the_attention_projections(tiny_dir: Path):
+def test_all_linear_wraps_exactly_the_attention_projections(tiny_model_dir: Path):
     attention = {f"model.layers.{layer}.self_attn.{proj}" for layer in range(LAYERS) for proj in ATTENTION}
     routers = {f"model.layers.{layer}.mlp.router" for layer in range(LAYERS)}
 
-    model = apply_lora(base(tiny_dir), LoraSpec(target_experts="none"), console=quiet())
+    model = apply_lora(base(tiny_model_dir), LoraSpec(target_experts="none"), console=quiet())
     assert lora_module_names(model) == attention
     assert model.peft_config["default"].target_modules == set(ATTENTION)
 
-    model = apply_lora(base(tiny_dir), LoraSpec(target_modules=("all-router",), target_experts="none"), quiet())
+    model = apply_lora(base(tiny_model_dir), LoraSpec(target_modules=("all-router",), target_experts="none"), quiet())
     assert lora_module_names(model) == attention | routers
     assert model.peft_config["default"].target_parameters == [f"{layer}.mlp.router.weight" for layer in range(LAYERS)]
 
-    model = apply_lora(base(tiny_dir), LoraSpec(target_modules=("q_proj", "router"), target_experts="none"), quiet())
+    model = apply_lora(base(tiny_model_dir), LoraSpec(target_modules=("q_proj", "router"), target_experts="none"), quiet())
     assert lora_module_names(model) == {f"model.layers.{layer}.self_attn.q_proj" for layer in range(LAYERS)} | routers
 
 
@@ -95,9 +89,9 @@ def test_all_linear_wraps_exactly_the_attention_projections(tiny_dir: Path):
         ("all", ("2.mlp.experts.down_proj",), ["2.mlp.experts.down_proj"]),
     ],
 )
-def test_expert_targets(tiny_dir: Path, target_experts: str, target_parameters: tuple[str, ...], expected: list[str]):
+def test_expert_targets(tiny_model_dir: Path, target_experts: str, target_parameters: tuple[str, ...], expected: list[str]):
     spec = LoraSpec(target_experts=target_experts, target_parameters=target_parameters)
-    model = apply_lora(base(tiny_dir), spec, console=quiet())
+    model = apply_lora(base(tiny_model_dir), spec, console=quiet())
     assert (model.peft_config["default"].target_parameters or []) == expected
     wrapped = {
         f"{layer}.mlp.experts.{module.parameter_name}"
@@ -107,11 +101,11 @@ def test_expert_targets(tiny_dir: Path, target_experts: str, target_parameters: 
     assert wrapped == set(expected)
 
 
-def test_bad_expert_targets_are_clear_errors(tiny_dir: Path):
+def test_bad_expert_targets_are_clear_errors(tiny_model_dir: Path):
     with pytest.raises(OsstuneError, match="--target_experts 7,x: use all, none, or comma-separated"):
         LoraSpec(target_experts="7,x")
     with pytest.raises(OsstuneError, match=r"layers \[4\] do not exist"):
-        lora_targets(base(tiny_dir), LoraSpec(target_experts="1,4"))
+        lora_targets(base(tiny_model_dir), LoraSpec(target_experts="1,4"))
     with pytest.raises(OsstuneError, match="LoRA targets nothing"):
         LoraSpec(target_modules=(), target_experts="none")
     with pytest.raises(OsstuneError, match="--lora_rank 0"):
@@ -119,9 +113,9 @@ def test_bad_expert_targets_are_clear_errors(tiny_dir: Path):
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-def test_saved_adapter_is_peft_format_and_reloads_with_plain_peft(tiny_dir: Path, tmp_path: Path):
+def test_saved_adapter_is_peft_format_and_reloads_with_plain_peft(tiny_model_dir: Path, tmp_path: Path):
     spec = LoraSpec(rank=4, alpha=16, target_modules=("all-router",))
-    model = apply_lora(base(tiny_dir), spec, console=quiet())
+    model = apply_lora(base(tiny_model_dir), spec, console=quiet())
     randomise_lora(model)
     model.eval()
     layers = model.base_model.model.model.layers
@@ -139,7 +133,7 @@ def test_saved_adapter_is_peft_format_and_reloads_with_plain_peft(tiny_dir: Path
     ]
     assert sorted(config["target_modules"]) == sorted(ATTENTION)
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 16, 0.0)
-    assert config["base_model_name_or_path"] == str(tiny_dir.resolve())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     r_e = 4 * EXPERTS
     shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items() if ".layers.1.mlp." in name}
@@ -153,7 +147,7 @@ def test_saved_adapter_is_peft_format_and_reloads_with_plain_peft(tiny_dir: Path
         f"{PREFIX}model.layers.1.mlp.router.lora_B.weight": (EXPERTS, 4),
     }
 
-    reloaded = PeftModel.from_pretrained(base(tiny_dir), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(base(tiny_model_dir), tmp_path / "adapter").eval()
     assert not any("forward" in module.__dict__ for module in reloaded.modules() if isinstance(module, ParamWrapper))
     with torch.no_grad():
         reference = reloaded(input_ids()).logits
@@ -161,16 +155,16 @@ def test_saved_adapter_is_peft_format_and_reloads_with_plain_peft(tiny_dir: Path
 
 
 @pytest.mark.parametrize(("use_rslora", "scaling"), [(False, 16 / 4), (True, 16 / 2)])
-def test_scaling(tiny_dir: Path, use_rslora: bool, scaling: float):
+def test_scaling(tiny_model_dir: Path, use_rslora: bool, scaling: float):
     spec = LoraSpec(rank=4, alpha=16, use_rslora=use_rslora, target_modules=("all-router",))
-    model = apply_lora(base(tiny_dir), spec, console=quiet())
+    model = apply_lora(base(tiny_model_dir), spec, console=quiet())
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     assert len(layers) == LAYERS * (len(ATTENTION) + 1 + 2)  # attention, router, two expert stacks
     assert {module.scaling["default"] for module in layers} == {scaling}
 
 
-def test_only_the_adapter_trains(tiny_dir: Path):
-    model = apply_lora(base(tiny_dir), LoraSpec(target_modules=("all-router",)), console=quiet())
+def test_only_the_adapter_trains(tiny_model_dir: Path):
+    model = apply_lora(base(tiny_model_dir), LoraSpec(target_modules=("all-router",)), console=quiet())
     model.train()
     ids = input_ids()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -187,9 +181,9 @@ def test_only_the_adapter_trains(tiny_dir: Path):
         assert params[f"{PREFIX}model.layers.0.{name}.lora_B.default.weight"].grad.abs().sum() > 0
 
 
-def test_dropout_on_module_targets_only_and_said(tiny_dir: Path):
+def test_dropout_on_module_targets_only_and_said(tiny_model_dir: Path):
     buffer = io.StringIO()
-    model = apply_lora(base(tiny_dir), LoraSpec(dropout=0.1), console=Console(file=buffer, width=300))
+    model = apply_lora(base(tiny_model_dir), LoraSpec(dropout=0.1), console=Console(file=buffer, width=300))
     assert model.peft_config["default"].lora_dropout == 0.0
     for module in model.modules():
         if isinstance(module, ParamWrapper):
@@ -203,17 +197,17 @@ def test_dropout_on_module_targets_only_and_said(tiny_dir: Path):
     )
 
     buffer = io.StringIO()
-    apply_lora(base(tiny_dir), LoraSpec(dropout=0.1, target_modules=(), target_experts="3"), Console(file=buffer))
+    apply_lora(base(tiny_model_dir), LoraSpec(dropout=0.1, target_modules=(), target_experts="3"), Console(file=buffer))
     assert buffer.getvalue().startswith("lora_dropout 0.1 is not applied; the LoRA on parameter targets")
 
     buffer = io.StringIO()
-    model = apply_lora(base(tiny_dir), LoraSpec(dropout=0.1, target_experts="none"), Console(file=buffer))
+    model = apply_lora(base(tiny_model_dir), LoraSpec(dropout=0.1, target_experts="none"), Console(file=buffer))
     assert model.peft_config["default"].lora_dropout == 0.1
     assert buffer.getvalue() == ""
 
 
-def test_trainable_summary(tiny_dir: Path):
-    model = apply_lora(base(tiny_dir), LoraSpec(target_modules=("all-router",)), console=quiet())
+def test_trainable_summary(tiny_model_dir: Path):
+    model = apply_lora(base(tiny_model_dir), LoraSpec(target_modules=("all-router",)), console=quiet())
     # r=8 per layer: q/o 2*(8*64 + 64*8), k/v 2*(8*64 + 32*8), router 8*64 + 8*8,
     # gate_up 64*64 + 128*64, down 64*64 + 64*64; the base model has 845,168 parameters.
     trainable = LAYERS * (2 * 1024 + 2 * 768 + 576 + 12288 + 8192)
@@ -221,7 +215,7 @@ def test_trainable_summary(tiny_dir: Path):
     assert trainable_summary(model) == (
         "trainable params 98,560 of 943,728 (10.4437%); 8 of 8 expert stacks on the grouped path"
     )
-    attention_only = apply_lora(base(tiny_dir), LoraSpec(target_experts="none"), console=quiet())
+    attention_only = apply_lora(base(tiny_model_dir), LoraSpec(target_experts="none"), console=quiet())
     assert trainable_summary(attention_only) == (
         "trainable params 14,336 of 859,504 (1.6679%); no expert LoRA"
     )

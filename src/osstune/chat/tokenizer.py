@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osstune.errors import OsstuneError
+from osstune.paths import cache_root
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -74,8 +75,7 @@ def o200k_harmony_special_tokens() -> list[str]:
 def default_cache_dir() -> Path:
     """The folder that holds the o200k_harmony files: ``$OSSTUNE_CACHE/o200k_harmony``, else
     ``~/.cache/osstune/o200k_harmony``."""
-    root = os.environ.get("OSSTUNE_CACHE") or Path.home() / ".cache" / "osstune"
-    return Path(root) / "o200k_harmony"
+    return cache_root() / "o200k_harmony"
 
 
 def harmony_encoding_dir(cache_dir: Path | None = None) -> Path:

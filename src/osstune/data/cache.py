@@ -13,11 +13,7 @@ from typing import Any
 import numpy as np
 
 from osstune.chat.options import IGNORE_INDEX
-
-
-def cache_root() -> Path:
-    """``$OSSTUNE_CACHE`` or ``~/.cache/osstune``."""
-    return Path(os.environ.get("OSSTUNE_CACHE") or Path.home() / ".cache" / "osstune")
+from osstune.paths import cache_root
 
 
 def dataset_cache_dir() -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.panel import Panel
 
+from osstune.chat.tokenizer import is_harmony_tokenizer
 from osstune.config import DataArgs, ModelArgs, TemplateArgs
 from osstune.data.pipeline import Prepared, prepare_dataset
 from osstune.data.report import preview_text, report_table
@@ -55,7 +56,10 @@ def run(args: dict[type, Any]) -> int:
     template: TemplateArgs = args[TemplateArgs]
     data: DataArgs = args[DataArgs]
     cmd: DataCommandArgs = args[DataCommandArgs]
-    path = "harmony (gpt-oss)" if is_gpt_oss(config) else f"chat template ({config.get('model_type', '?')})"
+    if is_harmony_tokenizer(tokenizer):
+        path = "harmony" + (" (gpt-oss)" if is_gpt_oss(config) else f" ({config.get('model_type', '?')})")
+    else:
+        path = f"chat template ({config.get('model_type', '?')})"
     console.print(f"[bold]model[/] {model_dir}  [bold]renderer[/] {path}  [bold]loss_scale[/] {template.loss_scale}"
                   f"  [bold]date[/] {template.current_date}")
     prepared = prepare_dataset(data, template.render_options(), tokenizer)

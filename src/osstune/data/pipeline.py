@@ -13,7 +13,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -31,35 +31,25 @@ SYSTEM_PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def mxfp4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "mxfp4")
-
-
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "bf16", mxfp4=False)
-
-
-@pytest.fixture(scope="module")
-def mxfp4_model(mxfp4_dir: Path) -> torch.nn.Module:
+def mxfp4_model(tiny_model_dir: Path) -> torch.nn.Module:
     model, info = AutoModelForCausalLM.from_pretrained(
-        mxfp4_dir, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16, output_loading_info=True
+        tiny_model_dir, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16, output_loading_info=True
     )
     assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
     return model
 
 
 @pytest.fixture(scope="module")
-def tokenizer(mxfp4_dir: Path):
-    return AutoTokenizer.from_pretrained(mxfp4_dir)
+def tokenizer(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_writes_the_hugging_face_files(mxfp4_dir: Path) -> None:
-    assert sorted(p.name for p in mxfp4_dir.iterdir()) == sorted(TINY_MODEL_FILES)
+def test_writes_the_hugging_face_files(tiny_model_dir: Path) -> None:
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == sorted(TINY_MODEL_FILES)
 
 
-def test_config_mirrors_gpt_oss(mxfp4_dir: Path, bf16_dir: Path, tokenizer) -> None:
-    config = json.loads((mxfp4_dir / "config.json").read_text())
+def test_config_mirrors_gpt_oss(tiny_model_dir: Path, tiny_bf16_dir: Path, tokenizer) -> None:
+    config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["model_type"] == "gpt_oss" and config["architectures"] == ["GptOssForCausalLM"]
     assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2
     assert config["rope_scaling"] == {
@@ -83,14 +73,14 @@ def test_config_mirrors_gpt_oss(mxfp4_dir: Path, bf16_dir: Path, tokenizer) -> N
         ],
         "quant_method": "mxfp4",
     }
-    dense = json.loads((bf16_dir / "config.json").read_text())
+    dense = json.loads((tiny_bf16_dir / "config.json").read_text())
     assert "quantization_config" not in dense
     assert {k: v for k, v in config.items() if k != "quantization_config"} == dense
 
 
-def test_generation_and_tokenizer_configs_use_the_gpt_oss_token_strings(mxfp4_dir: Path, tokenizer) -> None:
+def test_generation_and_tokenizer_configs_use_the_gpt_oss_token_strings(tiny_model_dir: Path, tokenizer) -> None:
     ids = tokenizer.convert_tokens_to_ids
-    generation = json.loads((mxfp4_dir / "generation_config.json").read_text())
+    generation = json.loads((tiny_model_dir / "generation_config.json").read_text())
     assert generation == {
         "bos_token_id": ids("<|startoftext|>"),
         "do_sample": True,
@@ -105,8 +95,8 @@ def test_generation_and_tokenizer_configs_use_the_gpt_oss_token_strings(mxfp4_di
     assert tokenizer.model_max_length == 131072
 
 
-def test_checkpoint_tensors_have_the_gpt_oss_names_shapes_and_dtypes(mxfp4_dir: Path, bf16_dir: Path) -> None:
-    stored = load_file(mxfp4_dir / "model.safetensors")
+def test_checkpoint_tensors_have_the_gpt_oss_names_shapes_and_dtypes(tiny_model_dir: Path, tiny_bf16_dir: Path) -> None:
+    stored = load_file(tiny_model_dir / "model.safetensors")
     layer0 = {
         k.removeprefix("model.layers.0."): (tuple(v.shape), v.dtype)
         for k, v in stored.items()
@@ -134,10 +124,10 @@ def test_checkpoint_tensors_have_the_gpt_oss_names_shapes_and_dtypes(mxfp4_dir: 
         "mlp.experts.down_proj_scales": ((8, 64, 2), torch.uint8),
         "mlp.experts.down_proj_bias": ((8, 64), bf16),
     }
-    vocab = json.loads((mxfp4_dir / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     assert len(stored) == 4 * 19 + 3
     assert tuple(stored["model.embed_tokens.weight"].shape) == tuple(stored["lm_head.weight"].shape) == (vocab, 64)
-    dense = load_file(bf16_dir / "model.safetensors")
+    dense = load_file(tiny_bf16_dir / "model.safetensors")
     assert tuple(dense["model.layers.3.mlp.experts.gate_up_proj"].shape) == (8, 64, 128)
     assert tuple(dense["model.layers.3.mlp.experts.down_proj"].shape) == (8, 64, 64)
     assert not any(k.endswith(("_blocks", "_scales")) for k in dense)
@@ -148,10 +138,10 @@ def test_checkpoint_tensors_have_the_gpt_oss_names_shapes_and_dtypes(mxfp4_dir: 
 
 
 def test_dequantised_experts_equal_our_codec_and_the_dense_variant(
-    mxfp4_dir: Path, bf16_dir: Path, mxfp4_model
+    tiny_model_dir: Path, tiny_bf16_dir: Path, mxfp4_model
 ) -> None:
-    stored = load_file(mxfp4_dir / "model.safetensors")
-    dense = load_file(bf16_dir / "model.safetensors")
+    stored = load_file(tiny_model_dir / "model.safetensors")
+    dense = load_file(tiny_bf16_dir / "model.safetensors")
     for layer in (0, 3):
         experts = mxfp4_model.model.layers[layer].mlp.experts
         for proj in ("gate_up_proj", "down_proj"):
@@ -164,8 +154,8 @@ def test_dequantised_experts_equal_our_codec_and_the_dense_variant(
             assert torch.equal(getattr(experts, f"{proj}_bias").detach(), stored[f"{prefix}_bias"])
 
 
-def test_forward_gives_the_same_finite_logits_in_both_variants(bf16_dir: Path, mxfp4_model, tokenizer) -> None:
-    dense_model = AutoModelForCausalLM.from_pretrained(bf16_dir)
+def test_forward_gives_the_same_finite_logits_in_both_variants(tiny_bf16_dir: Path, mxfp4_model, tokenizer) -> None:
+    dense_model = AutoModelForCausalLM.from_pretrained(tiny_bf16_dir)
     assert dense_model.dtype == torch.bfloat16  # dtype "auto" follows the stored bf16 weights
     text = "<|start|>user<|message|>你好，请介绍一下你自己。Hello!<|end|><|start|>assistant" * 2
     input_ids = torch.tensor([tokenizer.encode(text)])
@@ -179,8 +169,8 @@ def test_forward_gives_the_same_finite_logits_in_both_variants(bf16_dir: Path, m
     assert torch.equal(logits, dense_logits)
 
 
-def test_backward_reaches_experts_attention_and_embeddings(bf16_dir: Path, tokenizer) -> None:
-    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)
+def test_backward_reaches_experts_attention_and_embeddings(tiny_bf16_dir: Path, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_bf16_dir, dtype=torch.float32)
     model.train()
     input_ids = torch.tensor([tokenizer.encode("我是一个人工智能助手。I can answer questions.")])
     loss = model(input_ids, labels=input_ids).loss
@@ -200,8 +190,8 @@ def test_backward_reaches_experts_attention_and_embeddings(bf16_dir: Path, token
         assert bool(torch.isfinite(parameter.grad).all()) and parameter.grad.abs().sum().item() > 0
 
 
-def test_a_few_optimizer_steps_fit_a_sequence(bf16_dir: Path, tokenizer) -> None:
-    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)
+def test_a_few_optimizer_steps_fit_a_sequence(tiny_bf16_dir: Path, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_bf16_dir, dtype=torch.float32)
     model.train()
     input_ids = torch.tensor([tokenizer.encode("我是一个人工智能助手，很高兴认识你。I am a helpful assistant.")])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -236,13 +226,13 @@ def test_every_harmony_special_token_is_one_id(tokenizer) -> None:
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|return|>")
 
 
-def test_output_is_byte_identical_for_the_same_arguments(mxfp4_dir: Path, tmp_path: Path) -> None:
+def test_output_is_byte_identical_for_the_same_arguments(tiny_model_dir: Path, tmp_path: Path) -> None:
     again = write_tiny_model(tmp_path / "again")
     for name in TINY_MODEL_FILES:
-        assert (again / name).read_bytes() == (mxfp4_dir / name).read_bytes(), name
+        assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
     other_seed = write_tiny_model(tmp_path / "seed1", seed=1)
-    assert (other_seed / "tokenizer.json").read_bytes() == (mxfp4_dir / "tokenizer.json").read_bytes()
-    assert (other_seed / "model.safetensors").read_bytes() != (mxfp4_dir / "model.safetensors").read_bytes()
+    assert (other_seed / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    assert (other_seed / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
 
 
 def test_refuses_a_folder_with_other_files(tmp_path: Path) -> None:
