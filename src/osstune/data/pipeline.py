@@ -22,7 +22,7 @@ import numpy as np
 
 import osstune
 from osstune.chat.messages import Conversation
-from osstune.chat.options import IGNORE_INDEX, RenderOptions, Sample
+from osstune.chat.options import IGNORE_INDEX, RenderOptions
 from osstune.chat.render import render_training_samples
 from osstune.config import DataArgs
 from osstune.data.cache import SampleCache, dataset_cache_dir, tokenizer_fingerprint
@@ -149,12 +149,18 @@ class _Job:
     conversation: Conversation
 
 
-def _render_chunk(jobs: list[_Job], tokenizer: Any, options: RenderOptions) -> list[list[Sample] | DataError]:
+# A rendered sample as int32 arrays (input_ids, labels): compact to send back from a worker process.
+_Arrays = tuple[np.ndarray, np.ndarray]
+
+
+def _render_chunk(jobs: list[_Job], tokenizer: Any, options: RenderOptions) -> list[list[_Arrays] | DataError]:
     """Render a batch of conversations; a bad conversation yields its located DataError instead of samples."""
-    out: list[list[Sample] | DataError] = []
+    out: list[list[_Arrays] | DataError] = []
     for job in jobs:
         try:
-            out.append(render_training_samples(job.conversation, tokenizer, options))
+            samples = render_training_samples(job.conversation, tokenizer, options)
+            out.append([(np.asarray(s.input_ids, dtype=np.int32), np.asarray(s.labels, dtype=np.int32))
+                        for s in samples])
         except DataError as exc:
             out.append(exc.located(job.source, job.locator))
     return out
@@ -166,7 +172,7 @@ class _Renderer:
     def __init__(self, tokenizer: Any, options: RenderOptions, num_proc: int) -> None:
         self.tokenizer, self.options, self.num_proc = tokenizer, options, max(1, num_proc)
 
-    def __call__(self, chunks: list[list[_Job]]) -> Iterator[list[list[Sample] | DataError]]:
+    def __call__(self, chunks: list[list[_Job]]) -> Iterator[list[list[_Arrays] | DataError]]:
         if self.num_proc == 1 or len(chunks) < 2:
             for chunk in chunks:
                 yield _render_chunk(chunk, self.tokenizer, self.options)
@@ -185,22 +191,22 @@ def _worker_init(tokenizer: Any, options: RenderOptions) -> None:
     _WORKER.update(tokenizer=tokenizer, options=options)
 
 
-def _worker_render(jobs: list[_Job]) -> list[list[Sample] | DataError]:
+def _worker_render(jobs: list[_Job]) -> list[list[_Arrays] | DataError]:
     return _render_chunk(jobs, _WORKER["tokenizer"], _WORKER["options"])
 
 
-def _truncate(sample: Sample, max_length: int | None, strategy: str) -> tuple[Sample | None, str | None, bool]:
+def _truncate(sample: _Arrays, max_length: int | None, strategy: str) -> tuple[_Arrays | None, str | None, bool]:
     """Apply ``--max_length``: returns (sample or None, drop reason, was_truncated)."""
-    n = len(sample.input_ids)
+    ids, labels = sample
+    n = len(ids)
     if max_length is None or n <= max_length:
         return sample, None, False
     if strategy == "delete":
         return None, f"longer than max_length={max_length}", False
     keep = slice(n - max_length, n) if strategy == "left" else slice(0, max_length)
-    cut = Sample(sample.input_ids[keep], sample.labels[keep])
-    if cut.num_trained == 0:
+    if not (labels[keep] != IGNORE_INDEX).any():
         return None, f"no trained tokens left after {strategy} truncation to {max_length}", False
-    return cut, None, True
+    return (ids[keep], labels[keep]), None, True
 
 
 def _load_conversations(
@@ -339,9 +345,7 @@ def prepare_dataset(
                         report.dropped[reason] = report.dropped.get(reason, 0) + 1  # type: ignore[index]
                         continue
                     report.truncated += cut
-                    ids = np.asarray(kept.input_ids, dtype=np.int32)
-                    labels = np.asarray(kept.labels, dtype=np.int32)
-                    (val if job.split == "val" else train).append(job.source, job.index, ids, labels)
+                    (val if job.split == "val" else train).append(job.source, job.index, *kept)
                     report.sources[job.stats].samples += 1
             advance(len(chunk))
 
