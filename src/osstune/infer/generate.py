@@ -7,12 +7,13 @@ trained turn, so inference sees exactly what training showed the model.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from osstune.chat.messages import Message, ToolCall
 from osstune.chat.options import RenderOptions
@@ -79,6 +80,33 @@ class HarmonyStop(StoppingCriteria):
         return done
 
 
+class TokenCallbackStreamer(BaseStreamer):
+    """Hands each generated token id to a callback as soon as ``generate`` picks it (one row; the prompt is skipped).
+
+    Args:
+        callback: called with every new token id, the stop token included.
+    """
+
+    def __init__(self, callback: Callable[[int], None]) -> None:
+        self.callback = callback
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Receive the prompt (the first call, ignored) or the next token from ``generate``.
+
+        Args:
+            value: token ids; the prompt on the first call, then one new id per step.
+        """
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.callback(int(token))
+
+    def end(self) -> None:
+        """Called by ``generate`` when it is done; every token was already passed on."""
+
+
 def parse_completion(tokenizer: Any, ids: Sequence[int]) -> Reply:
     """Split generated harmony tokens (what follows ``<|start|>assistant``) into reasoning, answer and calls.
 
@@ -135,6 +163,7 @@ def generate_batch(
     top_p: float = 1.0,
     tools: Sequence[Sequence[dict[str, Any]]] | None = None,
     max_context: int | None = None,
+    streamer: BaseStreamer | None = None,
 ) -> list[Reply]:
     """Answer several conversations in one left-padded batch (greedy when ``temperature`` is 0).
 
@@ -151,6 +180,7 @@ def generate_batch(
         top_p: nucleus sampling threshold (with temperature > 0).
         tools: function definitions per row, if any.
         max_context: the model's context length; a prompt that leaves no room to generate is an error.
+        streamer: a transformers streamer that receives tokens as they are generated (one conversation only).
 
     Raises:
         OsstuneError: a prompt longer than ``max_context - 1`` tokens.
@@ -182,7 +212,7 @@ def generate_batch(
     try:
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                              eos_token_id=stops, pad_token_id=pad, use_cache=True, stopping_criteria=criteria,
-                             **sampling)
+                             streamer=streamer, **sampling)
     finally:
         model.train(was_training)
     replies = []
@@ -222,7 +252,24 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     tools: Sequence[dict[str, Any]] = (),
+    max_context: int | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> Reply:
-    """Answer the conversation ``messages`` (greedy when ``temperature`` is 0); see :func:`generate_batch`."""
+    """Answer the conversation ``messages`` (greedy when ``temperature`` is 0); see :func:`generate_batch`.
+
+    Args:
+        model: a causal LM (a PEFT model included).
+        tokenizer: its tokenizer.
+        messages: the conversation so far, ending with the user's turn.
+        options: rendering options.
+        max_new_tokens: generation budget.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_p: nucleus sampling threshold (with temperature > 0).
+        tools: function definitions offered to the model.
+        max_context: the model's context length; a prompt that leaves no room to generate is an error.
+        on_token: called with each generated token id as soon as it exists (for streaming output).
+    """
+    streamer = TokenCallbackStreamer(on_token) if on_token is not None else None
     return generate_batch(model, tokenizer, [messages], options, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, tools=[tools])[0]
+                          temperature=temperature, top_p=top_p, tools=[tools], max_context=max_context,
+                          streamer=streamer)[0]
