@@ -44,6 +44,8 @@ COMMANDS: tuple[Command, ...] = (
             "osstune.data.command:run"),
     Command("infer", "Chat with a model in the terminal, or answer a dataset (ms-swift's swift infer flags).",
             ("osstune.infer.command:InferArgs",), "osstune.infer.command:run"),
+    Command("export", "Merge a LoRA checkpoint into its base model (sharded safetensors; optional MXFP4 experts).",
+            ("osstune.export.command:ExportArgs",), "osstune.export.command:run"),
     Command("eval", "Loss, perplexity and generation metrics; base vs fine-tuned side by side.",
             ("osstune.eval.command:EvalArgs",), "osstune.eval.command:run"),
     Command("demo", "Fine-tune a tiny gpt-oss on the bundled demo data, on CPU, in minutes.",

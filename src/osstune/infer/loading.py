@@ -76,7 +76,8 @@ def resolve_base(adapters: Path | None, model: str | None) -> tuple[str, dict[st
     if adapters is None:
         if not model:
             raise OsstuneError("Give --model DIR (a base or merged model) or --adapters CHECKPOINT.")
-        return model, {}
+        merged = Path(model) / "args.json"  # `osstune export` copies the run's args.json into merged models
+        return model, (find_run_args(Path(model)) or {}) if merged.is_file() else {}
     if not adapters.is_dir():
         raise OsstuneError(f"--adapters {adapters}: no such checkpoint folder.")
     missing = [name for name in ADAPTER_FILES if not (adapters / name).is_file()]
