@@ -8,6 +8,7 @@ prompts exactly as training did.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ def attach_adapter(model: Any, adapter_dir: Path, base: str) -> Any:
     from osstune.models.gpt_oss.moe_lora import enable_grouped_expert_lora
 
     try:
-        net = PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # transformers' deprecation notice inside PEFT, not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            net = PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as exc:
         trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
