@@ -1,11 +1,14 @@
-"""How much memory a model's weights need once loaded, and how much the target device has free.
+"""How much memory a model needs, loaded and in training, and how much the target device has free.
 
-The estimate counts parameters from ``config.json`` alone, before any weight is read: exactly for gpt-oss (every
-tensor of ``GptOssForCausalLM``), and from the usual size keys for other decoder-only models.
+The estimates read ``config.json`` alone, before any weight is read. Loading: parameters counted exactly for gpt-oss
+(every tensor of ``GptOssForCausalLM``), and from the usual size keys for other decoder-only models. Training
+(:func:`estimate_training_memory`): per-GPU weights under each sharding engine, LoRA parameters with their gradients
+and AdamW state, activations counted tensor by tensor for the configured checkpointing, and the logits at the loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +164,268 @@ def _meminfo_available() -> int | None:
         if name == "MemAvailable":
             return int(rest.split()[0]) * 1024
     return None
+
+
+ENGINES: tuple[str, ...] = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
+"""How training is spread over processes, for the memory estimate: ``ddp`` (also one process) replicates
+everything; ``zero2`` shards gradients and optimizer state; ``zero3`` and ``fsdp`` also shard the weights; the
+``_offload`` variants keep weights, gradients and optimizer state in host RAM."""
+
+ADAPTER_BYTES = 4
+"""Bytes per LoRA parameter: PEFT keeps adapters in float32 under a bfloat16/float16 base."""
+
+ADAMW_BYTES = 8
+"""Bytes of AdamW state per trained parameter: two float32 moments."""
+
+INDEX_BYTES = 8
+"""Bytes of one int64 index (routing and softmax bookkeeping saved for the backward pass)."""
+
+FP32_BYTES = 4
+"""Bytes of one float32 value (RMSNorm statistics, the loss, attention log-sum-exp)."""
+
+ATTENTION_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""The linear layers of an attention block, by their usual module names."""
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameter counts of the model being trained (from a model built on the meta device: no weights read).
+
+    Args:
+        frozen: parameters of the base model, which are not trained.
+        trainable: LoRA (and ``modules_to_save``) parameters.
+        largest_unit: parameters of the largest piece that weight sharding gathers at once: a decoder layer, the
+            embedding or the output head.
+    """
+
+    frozen: int
+    trainable: int
+    largest_unit: int
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where LoRA sits in each decoder layer, as far as activation memory is concerned.
+
+    Args:
+        rank: LoRA rank r.
+        attention: the attention projections that carry LoRA (names from :data:`ATTENTION_PROJECTIONS`).
+        expert_layers: layers whose expert stacks (gpt-oss) carry LoRA.
+        router: whether the router (gpt-oss) carries LoRA.
+        mlp: for dense models, whether the MLP projections carry LoRA.
+    """
+
+    rank: int
+    attention: tuple[str, ...] = ATTENTION_PROJECTIONS
+    expert_layers: frozenset[int] = frozenset()
+    router: bool = False
+    mlp: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """What one micro-step processes on one GPU.
+
+    Args:
+        micro_batch: sequences per device per micro-step (``--per_device_train_batch_size``).
+        seq_len: tokens per sequence (``--max_length``, or the longest sample).
+        checkpointing: activation checkpointing of the decoder layers (``--gradient_checkpointing``).
+        attn_impl: ``eager`` materialises the attention probabilities; ``flex_attention`` and ``sdpa`` do not.
+        fused_loss: liger's fused linear cross-entropy (``--use_liger_kernel``) never materialises the logits.
+    """
+
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool
+    attn_impl: str = "flex_attention"
+    fused_loss: bool = False
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-step on one GPU."""
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU memory of one training process, by component, in bytes.
+
+    Args:
+        weights: the frozen base weights resident on the GPU (a shard under ZeRO-3/FSDP, none when offloaded).
+        gathered: base weights gathered for the unit being computed plus the one prefetched (ZeRO-3/FSDP only).
+        lora: the trainable adapter parameters (float32).
+        gradients: their gradients (float32).
+        optimizer: AdamW's two float32 moments.
+        activations: tensors saved for the backward pass (with checkpointing: each layer's input plus one layer
+            recomputed), and eager attention's masks.
+        logits: the output logits at the loss (none with a fused loss).
+    """
+
+    weights: int
+    gathered: int
+    lora: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        """Sum of the components."""
+        return sum(bytes_ for _, bytes_ in self.rows())
+
+    def rows(self) -> list[tuple[str, int]]:
+        """``(component, bytes)`` in table order (without the total)."""
+        return [("weights", self.weights), ("gathered layers", self.gathered), ("LoRA parameters", self.lora),
+                ("gradients", self.gradients), ("AdamW state", self.optimizer), ("activations", self.activations),
+                ("logits", self.logits)]
+
+
+def estimate_training_memory(
+    config: dict[str, Any],
+    *,
+    dtype: torch.dtype,
+    counts: ModelCounts,
+    lora: LoraLayout,
+    shape: TrainingShape,
+    engine: str = "ddp",
+    world_size: int = 1,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one GPU while training LoRA.
+
+    Weights take ``dtype``; adapters, their gradients and AdamW state are float32 (4 + 4 + 8 bytes per trained
+    parameter). Sharding divides by ``world_size`` (rounding up): gradients and optimizer state under ``zero2``;
+    everything under ``zero3``/``fsdp``, which also hold two gathered units (the one computing and the one
+    prefetched); ``*_offload`` keeps the sharded state in host RAM. Activations follow
+    :func:`activation_bytes`; the logits take ``tokens x vocab x (dtype bytes + 8)``: the logits in ``dtype`` plus
+    two float32 tensors of that size at the loss (upcast logits and log-softmax forward, their gradients backward).
+    Allocator fragmentation, CUDA context and communication buffers are not included.
+
+    Args:
+        config: the model's ``config.json``.
+        dtype: the compute dtype of the weights.
+        counts: parameter counts (see :class:`ModelCounts`).
+        lora: where LoRA sits (see :class:`LoraLayout`).
+        shape: the micro-batch (see :class:`TrainingShape`).
+        engine: one of :data:`ENGINES`.
+        world_size: processes training together.
+
+    Raises:
+        OsstuneError: an unknown engine, a world size below 1, or a config without the sizes needed.
+    """
+    if engine not in ENGINES:
+        raise OsstuneError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if world_size < 1:
+        raise OsstuneError(f"world size {world_size}: must be at least 1")
+    width = dtype.itemsize
+    offload = engine.endswith("_offload")
+    shards_weights = engine.startswith(("zero3", "fsdp"))
+    shards_state = shards_weights or engine == "zero2"
+
+    def share(count: int, sharded: bool) -> int:
+        return 0 if offload else -(-count // world_size) if sharded else count
+
+    vocab = _size(config.get("text_config") or config, "vocab_size")
+    return MemoryEstimate(
+        weights=share(counts.frozen * width, shards_weights),
+        gathered=2 * counts.largest_unit * width if shards_weights else 0,
+        lora=share(counts.trainable * ADAPTER_BYTES, shards_weights),
+        gradients=share(counts.trainable * ADAPTER_BYTES, shards_state),
+        optimizer=share(counts.trainable * ADAMW_BYTES, shards_state),
+        activations=activation_bytes(config, lora=lora, shape=shape, dtype_bytes=width),
+        logits=0 if shape.fused_loss else shape.tokens * vocab * (width + 2 * FP32_BYTES),
+    )
+
+
+def activation_bytes(config: dict[str, Any], *, lora: LoraLayout, shape: TrainingShape, dtype_bytes: int) -> int:
+    """Bytes of activations one micro-step keeps for the backward pass, at their peak.
+
+    Without checkpointing every decoder layer keeps its saved tensors (:func:`layer_activation_bytes`); with it,
+    each layer keeps only its input (hidden size x dtype bytes per token) and one layer at a time is recomputed.
+    Both add the model's tail (final RMSNorm statistics, token ids, rotary tables) and, for eager attention, its two
+    ``[batch, seq, seq]`` masks (causal and sliding window).
+
+    Args:
+        config: the model's ``config.json``.
+        lora: where LoRA sits.
+        shape: the micro-batch.
+        dtype_bytes: bytes per element of the compute dtype.
+    """
+    text = config.get("text_config") or config
+    hidden = _size(text, "hidden_size", "n_embd", "d_model")
+    layers = _size(text, "num_hidden_layers", "n_layer", "num_layers")
+    heads = int(_first(text, "num_attention_heads", "n_head") or max(1, hidden // 64))
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    per_layer = [layer_activation_bytes(config, layer=i, lora=lora, seq_len=shape.seq_len, dtype_bytes=dtype_bytes,
+                                        attn_impl=shape.attn_impl) for i in range(layers)]
+    tail = FP32_BYTES * hidden + FP32_BYTES + INDEX_BYTES + head_dim * dtype_bytes
+    if shape.checkpointing:
+        per_token = layers * hidden * dtype_bytes + max(per_layer) + tail
+    else:
+        per_token = sum(per_layer) + tail
+    masks = 2 * shape.micro_batch * shape.seq_len ** 2 * dtype_bytes if shape.attn_impl == "eager" else 0
+    return shape.tokens * per_token + masks
+
+
+def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayout, seq_len: int, dtype_bytes: int,
+                           attn_impl: str) -> int:
+    """Bytes per token that one decoder layer saves for the backward pass, counted tensor by tensor.
+
+    Frozen projections save nothing about their input (only trained weights need it); each LoRA projection saves
+    its input and its rank-r intermediate. Under a float32 adapter and a 16-bit model, every LoRA projection
+    casts the shared input, so each keeps its own copy. Per token, with b bytes per element, H hidden, r rank:
+
+    - attention: RMSNorm ``4H + 4`` (float32 input and statistic); LoRA inputs and ``r * b`` intermediates;
+      eager: query, repeated keys and values ``3 * heads * head_dim * b``, int64 max indices per head and the
+      probabilities ``heads * (seq + 1) * b``; flex/sdpa: query, keys, values, output and per-head log-sum-exp;
+    - gpt-oss experts, per routed (token, expert) pair (K per token): two int64 indices, the routing weight,
+      the gate/up output ``2I * b``, four ``I``-wide activation intermediates, the expert output twice ``2H * b``,
+      plus, with expert LoRA, the expert input ``H * b``, the activation ``I * b`` and two intermediates; the
+      router's top-k indices and weights;
+    - dense gated MLP (other models): gate output, its activation and the up output ``3I * b``, plus, with LoRA,
+      the gate/up input (a copy each under a cast), the down input ``I * b`` and three intermediates.
+
+    Args:
+        config: the model's ``config.json``.
+        layer: the layer's index (expert LoRA may sit on some layers only).
+        lora: where LoRA sits.
+        seq_len: tokens per sequence (eager attention's probabilities grow with it).
+        dtype_bytes: bytes per element of the compute dtype.
+        attn_impl: ``eager``, ``flex_attention`` or ``sdpa``.
+    """
+    text = config.get("text_config") or config
+    b, r = dtype_bytes, lora.rank
+    hidden = _size(text, "hidden_size", "n_embd", "d_model")
+    heads = int(_first(text, "num_attention_heads", "n_head") or max(1, hidden // 64))
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    norm = FP32_BYTES * hidden + FP32_BYTES
+    qkv = [name for name in ("q_proj", "k_proj", "v_proj") if name in lora.attention]
+    copies = len(qkv) if b != ADAPTER_BYTES else min(len(qkv), 1)
+    attention = norm + copies * hidden * b + len(lora.attention) * r * b
+    if "o_proj" in lora.attention:
+        attention += q_width * b
+    if attn_impl == "eager":
+        attention += 3 * q_width * b + INDEX_BYTES * heads + heads * (seq_len + 1) * b
+    else:
+        attention += (2 * q_width + 2 * kv_width) * b + heads * (FP32_BYTES + 3 * b)
+    if config.get("model_type") == "gpt_oss":
+        return attention + norm + _experts_bytes(text, layer in lora.expert_layers, lora.router, r, b)
+    inter = int(_first(text, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden)
+    mlp = norm + 3 * inter * b
+    if lora.mlp:
+        mlp += ((2 if b != ADAPTER_BYTES else 1) * hidden + inter) * b + 3 * r * b
+    return attention + mlp
+
+
+def _experts_bytes(config: dict[str, Any], expert_lora: bool, router_lora: bool, rank: int, b: int) -> int:
+    """Per-token bytes the gpt-oss router and experts save for the backward pass (see layer_activation_bytes)."""
+    hidden = _size(config, "hidden_size")
+    inter = _size(config, "intermediate_size")
+    top_k = _size(config, "num_experts_per_tok", "experts_per_token")
+    router = top_k * (INDEX_BYTES + b) + ((hidden + rank) * b if router_lora else 0)
+    pair = 2 * INDEX_BYTES + b + 2 * inter * b + 4 * inter * b + 2 * hidden * b
+    if expert_lora:
+        pair += (hidden + inter) * b + 2 * rank * b
+    return router + top_k * pair

@@ -76,7 +76,13 @@ class TrainArgs:
     resume_from_checkpoint: str | None = flag(None, "Continue from this checkpoint folder.")
     dataloader_num_workers: int = flag(0, "Data loader worker processes.")
     use_liger_kernel: bool = flag(False, "Fused linear cross-entropy and kernels from liger-kernel (CUDA).")
-    deepspeed: str | None = flag(None, "DeepSpeed preset (zero2, zero3, zero3_offload) or a JSON file.")
+    deepspeed: str | None = flag(None, "DeepSpeed preset (zero2, zero3, zero3_offload) or a JSON file; needs the "
+                                 "deepspeed package (CUDA).")
+    fsdp: str | None = flag(None, "FSDP2 sharding over the processes (GPUs): full_shard or true, shard_grad_op, with "
+                            "offload to keep shards on CPU; HF's 'full_shard auto_wrap' also works; or a JSON file "
+                            "of fsdp_config.")
+    dry_run: bool = flag(False, "Print the per-GPU memory estimate, steps per epoch and effective batch size, then "
+                         "exit without loading weights.")
     eval_generation_samples: int = flag(3, "Validation prompts answered and logged as text at each evaluation.")
 
 

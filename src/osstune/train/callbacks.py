@@ -43,9 +43,12 @@ class JsonlLogger(TrainerCallback):
 class RunGuard(TrainerCallback):
     """Stops training safely: after SIGINT/SIGTERM (saving a checkpoint first) or a non-finite loss (saving none).
 
+    Under several processes the decision is taken together (see ``OsstuneTrainer.poll_stop``): a signal that
+    reached any rank, or a non-finite loss on any rank, stops every rank after the same step.
+
     Args:
         trainer: the :class:`~osstune.train.trainer.OsstuneTrainer`, asked once per optimizer step whether a
-            non-finite loss was seen.
+            non-finite loss was seen or a signal arrived.
     """
 
     def __init__(self, trainer: Any) -> None:
@@ -59,8 +62,9 @@ class RunGuard(TrainerCallback):
             if self.signal_name is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.signal_name = signal.Signals(signum).name
-            print(f"\n{self.signal_name}: saving a checkpoint at the end of this step, then stopping "
-                  "(Ctrl-C again aborts without saving).", file=sys.stderr, flush=True)
+            if self.trainer.is_world_process_zero():
+                print(f"\n{self.signal_name}: saving a checkpoint at the end of this step, then stopping "
+                      "(Ctrl-C again aborts without saving).", file=sys.stderr, flush=True)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -71,11 +75,14 @@ class RunGuard(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
         """Runs after each optimizer step, after the Trainer decided whether to save."""
-        if self.trainer.take_nonfinite():
+        received = signal.Signals[self.signal_name].value if self.signal_name is not None else 0
+        nonfinite, signum = self.trainer.poll_stop(received)
+        if nonfinite:
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
-        elif self.signal_name is not None:
+        elif signum:
+            self.signal_name = self.signal_name or signal.Signals(signum).name
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -2,12 +2,18 @@
 
 Pipeline: run folder and ``args.json`` -> model (MXFP4 dequantised) -> data (harmony-rendered, cached) -> LoRA on
 attention and experts -> Trainer (atomic checkpoints, guards, tracking) -> report.
+
+Several processes: ``NPROC_PER_NODE=N`` relaunches the command under torchrun (:mod:`osstune.train.launch`); the
+workers train with DDP (default), FSDP2 (``--fsdp``) or DeepSpeed (``--deepspeed``), and rank 0 alone writes the
+run folder's files, the trackers and the checkpoints. ``--dry_run true`` prints the plan (:mod:`osstune.train.dry_run`)
+and trains nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +22,28 @@ from typing import Any
 from rich.console import Console
 
 import osstune
-from osstune.config import TemplateArgs
+from osstune.config import FALSE_WORDS, TRUE_WORDS, TemplateArgs
 from osstune.errors import OsstuneError
 from osstune.train.args import LoadArgs, LoraArgs, SftDataArgs, TrackArgs, TrainArgs
-from osstune.train.run_dir import new_run_dir, redact, write_json_atomic
+from osstune.train.launch import (
+    RankInfo,
+    barrier,
+    config_flags,
+    init_distributed,
+    launch_plan,
+    local_main_first,
+    rank_info,
+    relaunch,
+    shared_run_dir,
+    torchrun_arguments,
+    torchrun_command,
+)
+from osstune.train.run_dir import redact, write_json_atomic
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+
+FSDP_WORDS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
+"""Words of ``--fsdp`` (Hugging Face's spelling); FSDP2 always wraps each decoder layer, so auto_wrap is implied."""
 
 
 @dataclass
@@ -48,13 +70,41 @@ class SftConfig:
             flat.update(dataclasses.asdict(getattr(self, group.name)))
         return redact(flat)
 
+    def groups(self) -> list[Any]:
+        """The flag groups, in command-line order."""
+        return [getattr(self, group.name) for group in dataclasses.fields(self)]
+
 
 SFT_GROUPS: tuple[type, ...] = (LoadArgs, SftDataArgs, TemplateArgs, LoraArgs, TrainArgs, TrackArgs)
 
 
 def run(groups: dict[type, Any]) -> int:
-    """CLI entry point of ``osstune sft``; returns the exit code."""
-    return train(SftConfig.from_groups(groups)).exit_code
+    """CLI entry point of ``osstune sft``; returns the exit code.
+
+    ``--dry_run true`` prints the plan and exits. With ``NPROC_PER_NODE`` > 1 (or ``NNODES`` > 1) outside torchrun,
+    the command relaunches itself under torchrun after checking its flags once; otherwise this process trains.
+    """
+    cfg = SftConfig.from_groups(groups)
+    if cfg.train.dry_run:
+        from osstune.train.dry_run import dry_run
+
+        return dry_run(cfg)
+    plan = launch_plan()
+    if plan is not None:
+        _check_flags(cfg, plan.world_size)
+        arguments = torchrun_arguments(plan, config_flags(cfg.groups()))
+        Console(stderr=True).print(f"{plan.nproc_per_node} processes on node {plan.node_rank} of {plan.nnodes} "
+                                   f"(world size {plan.world_size}): {shlex.join(torchrun_command(arguments))}",
+                                   markup=False, highlight=False, soft_wrap=True)
+        return relaunch(arguments)
+    info = rank_info()
+    result = train(cfg)
+    if info.distributed:
+        import torch.distributed as dist
+
+        barrier(info)
+        dist.destroy_process_group()
+    return result.exit_code
 
 
 @dataclass
@@ -74,21 +124,23 @@ class TrainResult:
     global_step: int
 
 
-def _check_flags(cfg: SftConfig) -> None:
-    """Reject flag combinations that cannot work, before anything is written or loaded."""
+def _check_flags(cfg: SftConfig, world_size: int = 1) -> None:
+    """Reject flag combinations that cannot work, before anything is written or loaded.
+
+    Args:
+        cfg: the configuration.
+        world_size: how many processes will train together.
+    """
     from osstune.models.local import resolve_model_dir
 
     resolve_model_dir(cfg.load.model)
     if not cfg.data.dataset:
         raise OsstuneError("--dataset is required: give one or more files, folders or dataset names.")
-    if cfg.train.deepspeed:
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise OsstuneError(
-                f"--deepspeed {cfg.train.deepspeed}: DeepSpeed is not installed. Install it with "
-                "`pip install deepspeed` (on a machine with CUDA), or leave --deepspeed out to train on one "
-                "device.") from None
+    if cfg.train.fsdp and cfg.train.deepspeed:
+        raise OsstuneError("--fsdp and --deepspeed are two ways to shard training; choose one.")
+    if fsdp_config(cfg.train.fsdp) is not None:
+        _check_fsdp(world_size)
+    _check_deepspeed(cfg.train.deepspeed)
     if cfg.data.packing and not cfg.data.max_length:
         raise OsstuneError("--packing true needs --max_length: packed rows are at most that many tokens.")
     if cfg.train.lr_scheduler_kwargs:
@@ -104,6 +156,164 @@ def _check_flags(cfg: SftConfig) -> None:
                            "'{\"min_lr_rate\": 0.1}' (or min_lr).")
     if cfg.train.resume_from_checkpoint and not Path(cfg.train.resume_from_checkpoint).is_dir():
         raise OsstuneError(f"--resume_from_checkpoint {cfg.train.resume_from_checkpoint}: no such checkpoint folder.")
+
+
+def _check_deepspeed(value: str | None) -> None:
+    """``--deepspeed`` needs the deepspeed package and a readable config.
+
+    Args:
+        value: ``--deepspeed``.
+
+    Raises:
+        OsstuneError: DeepSpeed is not installed (saying how to install it), or the config is unreadable.
+    """
+    if not value:
+        return
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise OsstuneError(
+            f"--deepspeed {value}: DeepSpeed is not installed. Install it with `pip install \"osstune[deepspeed]\"` "
+            "(on a machine with CUDA), or leave --deepspeed out: several processes then train with DDP, or shard "
+            "with --fsdp.") from None
+    deepspeed_stage(value)
+
+
+def _check_fsdp(world_size: int) -> None:
+    """FSDP needs several processes and GPUs.
+
+    Args:
+        world_size: how many processes will train together.
+
+    Raises:
+        OsstuneError: a single process, or no CUDA device (accelerate turns FSDP on only for GPU-like devices; on
+            CPU the Trainer would silently train with DDP instead).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise OsstuneError("--fsdp: FSDP shards over GPUs; accelerate enables it only for CUDA (and other "
+                           "accelerator) devices, so on CPU the run would silently fall back to DDP. Leave --fsdp "
+                           "out on CPU: several processes then train with DDP.")
+    if world_size < 2:
+        raise OsstuneError("--fsdp shards the model over several processes: launch with NPROC_PER_NODE=N "
+                           "(N GPUs), e.g. `NPROC_PER_NODE=4 osstune sft --fsdp full_shard ...`.")
+
+
+def fsdp_config(value: str | None) -> dict[str, Any] | None:
+    """The Trainer's ``fsdp_config`` (FSDP2) for ``--fsdp``, or None when FSDP is off.
+
+    Args:
+        value: ``true``/``full_shard`` (parameters resharded after each layer's forward), ``shard_grad_op``
+            (kept gathered until the backward), either plus ``offload`` (shards and optimizer state on the CPU);
+            Hugging Face's ``"full_shard auto_wrap"`` spelling is accepted (each decoder layer is always its own
+            FSDP unit). A ``.json`` file is read as the ``fsdp_config`` itself (``fsdp_`` key prefixes dropped,
+            ``version`` 2 unless it says otherwise). ``false``/``none``/empty: off. Activation checkpointing stays
+            the Trainer's (``--gradient_checkpointing``), which recomputes each layer after gathering its weights
+            again; FSDP's own would save less traffic but hides the LoRA layers from PEFT's adapter saving.
+
+    Raises:
+        OsstuneError: unknown words, both sharding strategies, a JSON file that is missing or not an object, or
+            one that turns on FSDP's activation checkpointing.
+    """
+    text = (value or "").strip()
+    if not text or text.lower() in FALSE_WORDS:
+        return None
+    if text.lower().endswith(".json") or Path(text).is_file():
+        try:
+            loaded = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OsstuneError(f"--fsdp {text}: cannot read it as a JSON fsdp_config ({exc}).") from None
+        if not isinstance(loaded, dict):
+            raise OsstuneError(f"--fsdp {text}: expected a JSON object of fsdp_config keys.")
+        config = {str(k).removeprefix("fsdp_"): v for k, v in loaded.items()}
+        config.setdefault("version", 2)
+        if str(config.get("activation_checkpointing", False)).lower() in TRUE_WORDS:
+            raise OsstuneError(f"--fsdp {text}: activation_checkpointing wraps each layer in a way PEFT does not see "
+                               "through when it saves the adapter (the saved adapter would be empty). Remove it: "
+                               "--gradient_checkpointing true checkpoints the layers instead.")
+        return config
+    words = text.lower().replace(",", " ").split()
+    if words == [words[0]] and words[0] in TRUE_WORDS:
+        words = ["full_shard"]
+    unknown = [w for w in words if w not in FSDP_WORDS]
+    if unknown:
+        raise OsstuneError(f"--fsdp {text}: {' '.join(unknown)} is not supported; use full_shard (or true) or "
+                           "shard_grad_op, optionally with offload (FSDP2; hybrid strategies are FSDP1-only).")
+    if "full_shard" in words and "shard_grad_op" in words:
+        raise OsstuneError(f"--fsdp {text}: full_shard and shard_grad_op exclude each other; give one.")
+    return {"version": 2, "reshard_after_forward": "shard_grad_op" not in words, "cpu_offload": "offload" in words,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT"}
+
+
+def load_device(training: TrainArgs, info: RankInfo) -> str | None:
+    """Where each process loads the model: as ``load_model`` picks alone, its own GPU under DDP and ZeRO-2, the CPU
+    when ZeRO-3 or FSDP shards it (they move the shards to the GPUs; the whole model never sits on one GPU).
+
+    Loading on the CPU under sharding costs host RAM: each process of a node holds the whole model until it is
+    sharded (the 20b in bf16 is about 42 GB per process).
+
+    Args:
+        training: the training flags (``--deepspeed``, ``--fsdp``).
+        info: this process's rank.
+    """
+    import torch
+
+    if deepspeed_stage(training.deepspeed) == 3 or fsdp_config(training.fsdp) is not None:
+        return "cpu"
+    if info.distributed:
+        return f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    return None
+
+
+def deepspeed_settings(value: str | None) -> dict[str, Any] | None:
+    """The parsed DeepSpeed JSON of ``--deepspeed`` (a preset or a file), None when DeepSpeed is off.
+
+    Args:
+        value: ``--deepspeed``.
+
+    Raises:
+        OsstuneError: neither a preset nor a readable JSON object with a ``zero_optimization.stage``.
+    """
+    path = _deepspeed_config(value)
+    if path is None:
+        return None
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OsstuneError(f"--deepspeed {value}: cannot read it as a DeepSpeed JSON config ({exc}).") from None
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if not isinstance(stage, int):
+        raise OsstuneError(f"--deepspeed {value}: expected a JSON object with zero_optimization.stage.")
+    return config
+
+
+def deepspeed_stage(value: str | None) -> int | None:
+    """The ZeRO stage of ``--deepspeed``, None when DeepSpeed is off (see :func:`deepspeed_settings`).
+
+    Args:
+        value: ``--deepspeed``.
+    """
+    settings = deepspeed_settings(value)
+    return None if settings is None else int(settings["zero_optimization"]["stage"])
+
+
+def zero3_external_parameters(model: Any) -> list[tuple[Any, Any]]:
+    """``(module, parameter)`` pairs that ZeRO-3 must gather when ``module`` runs, for LoRA on parameters.
+
+    ZeRO-3 gathers a module's own parameters just before its forward. The forward of a PEFT ``ParamWrapper`` (the
+    expert and router LoRA; osstune's grouped expert forward included) reads the weights of modules whose forward
+    never runs: the wrapped expert stacks and the ``lora_A``/``lora_B`` layers. Every parameter below an outermost
+    wrapper is therefore registered on that wrapper (``deepspeed.zero.register_external_parameter``).
+
+    Args:
+        model: the PEFT model.
+    """
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(w.base_layer) for w in wrappers if isinstance(w.base_layer, ParamWrapper)}
+    return [(w, p) for w in wrappers if id(w) not in inner for p in w.parameters()]
 
 
 def _deepspeed_config(value: str | None) -> str | None:
@@ -136,7 +346,12 @@ def _liger_notice(training: TrainArgs, console: Console, cuda: bool) -> bool:
 
 
 def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, use_liger: bool, bf16: bool) -> Any:
-    """The ``transformers.TrainingArguments`` for a run (checkpoint rotation is osstune's, not HF's)."""
+    """The ``transformers.TrainingArguments`` for a run (checkpoint rotation is osstune's, not HF's).
+
+    Several processes without CUDA train on the CPU with gloo (``use_cpu``); accelerate would otherwise run each
+    process on its own.
+    """
+    import torch
     from transformers import TrainingArguments
 
     eval_strategy = t.eval_strategy or (t.save_strategy if has_eval else "no")
@@ -156,8 +371,6 @@ def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, u
         lr_scheduler_type=t.lr_scheduler_type,
         lr_scheduler_kwargs=json.loads(t.lr_scheduler_kwargs) if t.lr_scheduler_kwargs else {},
         warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,
@@ -172,12 +385,23 @@ def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, u
         bf16=bf16,
         use_liger_kernel=use_liger,
         deepspeed=_deepspeed_config(t.deepspeed),
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        **_fsdp_arguments(t.fsdp),
+        use_cpu=rank_info().distributed and not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward
         report_to="none",
         remove_unused_columns=False,
         include_num_input_tokens_seen="no",
         save_only_model=False,
         disable_tqdm=False,
     )
+
+
+def _fsdp_arguments(value: str | None) -> dict[str, Any]:
+    """``fsdp`` and ``fsdp_config`` keyword arguments of ``TrainingArguments`` for ``--fsdp`` (none when off)."""
+    config = fsdp_config(value)
+    return {} if config is None else {"fsdp": True, "fsdp_config": config}
 
 
 def train(cfg: SftConfig, console: Console | None = None) -> TrainResult:
@@ -193,18 +417,26 @@ def train(cfg: SftConfig, console: Console | None = None) -> TrainResult:
     from osstune.models.loading import load_model
     from osstune.models.lora import apply_lora, trainable_summary
 
-    console = console or Console()
-    _check_flags(cfg)
-    run_dir = new_run_dir(Path(cfg.train.output_dir))
-    record = cfg.to_json() | {"osstune_version": osstune.__version__, "run_dir": str(run_dir), "command": sys.argv}
-    write_json_atomic(run_dir / "args.json", record)
+    info = rank_info()
+    console = console or Console(quiet=not info.is_main)
+    _check_flags(cfg, info.world_size)
+    init_distributed(info)
+    run_dir = shared_run_dir(info, Path(cfg.train.output_dir))
+    record = cfg.to_json() | {"osstune_version": osstune.__version__, "run_dir": str(run_dir), "command": sys.argv,
+                              "world_size": info.world_size}
+    if info.is_main:
+        write_json_atomic(run_dir / "args.json", record)
     console.print(f"[bold]run folder[/] {run_dir}")
 
     loaded = load_model(cfg.load.model, torch_dtype=cfg.load.torch_dtype, attn_impl=cfg.load.attn_impl,
-                        console=console)
-    prepared = prepare_dataset(cfg.data, cfg.template.render_options(), loaded.tokenizer)
+                        device=load_device(cfg.train, info), console=console)
+    with local_main_first(info) as first:  # one process per node fills the dataset cache, the others read it
+        data_args = cfg.data if first else dataclasses.replace(cfg.data, load_from_cache_file=True)
+        prepared = prepare_dataset(data_args, cfg.template.render_options(), loaded.tokenizer,
+                                   show_progress=info.is_main)
     console.print(report_table(prepared.report))
-    write_json_atomic(run_dir / "data_report.json", prepared.report.to_json())
+    if info.is_main:
+        write_json_atomic(run_dir / "data_report.json", prepared.report.to_json())
     set_seed(cfg.data.seed)  # LoRA's random init must not depend on what ran before in this process
     model = apply_lora(loaded.model, lora_spec(cfg.lora))
     console.print(trainable_summary(model))
@@ -234,8 +466,9 @@ def fit(
         training: optimisation, schedule, evaluation and checkpoint settings.
         tracking: trackers (default: SwanLab in local mode).
         data_args: packing, max_length and seed (default: ``SftDataArgs()``).
-        run_dir: the run folder; default a new ``v{N}-{timestamp}`` under ``training.output_dir``.
-        record: the configuration saved as ``args.json`` and logged to the trackers.
+        run_dir: the run folder; default a new ``v{N}-{timestamp}`` under ``training.output_dir`` (created by rank 0
+            and shared with the other ranks under torchrun).
+        record: the configuration saved as ``args.json`` (by rank 0) and logged to the trackers.
         callbacks: extra ``transformers.TrainerCallback`` objects.
         console: where progress and summaries are printed.
     """
@@ -246,19 +479,29 @@ def fit(
     from osstune.train.callbacks import JsonlLogger, RunGuard, SampleGenerations, generation_prompts
     from osstune.train.trainer import OsstuneTrainer, list_checkpoints
 
-    console = console or Console()
+    info = rank_info()
+    console = console or Console(quiet=not info.is_main)
     tracking = tracking or TrackArgs()
     data_args = data_args or SftDataArgs()
+    init_distributed(info)
     if run_dir is None:
-        run_dir = new_run_dir(Path(training.output_dir))
+        run_dir = shared_run_dir(info, Path(training.output_dir))
         console.print(f"[bold]run folder[/] {run_dir}")
     args_json = run_dir / "args.json"
     if record is None:
         record = redact({**dataclasses.asdict(training), **dataclasses.asdict(tracking),
                          "osstune_version": osstune.__version__, "run_dir": str(run_dir)})
-    if not args_json.exists():
+    if info.is_main and not args_json.exists():
         write_json_atomic(args_json, record)
 
+    if fsdp_config(training.fsdp) is not None:
+        _check_fsdp(info.world_size)
+    _check_deepspeed(training.deepspeed)
+    if deepspeed_stage(training.deepspeed) == 3:
+        from deepspeed.zero import register_external_parameter
+
+        for module, parameter in zero3_external_parameters(model):
+            register_external_parameter(module, parameter)
     cuda = torch.cuda.is_available()
     use_liger = _liger_notice(training, console, cuda)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
@@ -306,9 +549,10 @@ def fit(
         exit_code = 130 if guard.signal_name == "SIGINT" else 143
         console.print(f"[yellow]stopped by {guard.signal_name} at step {trainer.state.global_step}; checkpoint "
                       f"{last}. Continue with --resume_from_checkpoint {last}[/]")
-    write_report(run_dir)
-    for line in summary_lines(run_dir):
-        console.print(line)
+    if info.is_main:
+        write_report(run_dir)
+        for line in summary_lines(run_dir):
+            console.print(line)
     return TrainResult(run_dir, last, exit_code, trainer.state.global_step)
 
 

@@ -3,6 +3,11 @@
 Additions: atomic checkpoints (written to a staging folder, then renamed) with a rotation that never deletes the
 newest one; a per-step non-finite loss guard; token counters kept on the device (no host sync per micro-step); and
 train log lines that also carry tokens/s, trained tokens, peak memory and elapsed time.
+
+Under several processes (DDP, FSDP2, DeepSpeed) every rank calls the checkpoint code and some write into it (RNG
+states, optimizer shards): the main process alone prepares, renames and rotates the staging folder, with the ranks
+agreeing on success before and after. The stop decision (non-finite loss, SIGINT/SIGTERM) and the logged token
+counts are reduced over all ranks, so every rank stops at the same step and the logs describe the whole run.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 
 from osstune.chat.options import IGNORE_INDEX
@@ -34,6 +40,21 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def gathered_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of an FSDP2-sharded model, gathered whole on rank 0's CPU (empty on other ranks).
+
+    A collective: every rank must call it. Only the adapter is gathered, never the frozen base weights, so saving a
+    LoRA checkpoint costs the adapter's size, not the model's.
+
+    Args:
+        model: the model whose parameters ``fully_shard`` turned into DTensors (plain models work too).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -82,65 +103,144 @@ class OsstuneTrainer(Trainer):
         self._nonfinite |= ~torch.isfinite(loss.detach()).to(self._nonfinite.device)
         return loss
 
-    def take_nonfinite(self) -> bool:
-        """Whether a non-finite loss was seen since the last call (one host sync per optimizer step)."""
-        if bool(self._nonfinite.item()):
+    def poll_stop(self, signal_number: int = 0) -> tuple[bool, int]:
+        """Whether any rank saw a non-finite loss since the last call, and the signal any rank received.
+
+        One host sync per optimizer step, plus one small all-reduce when several processes train, so that every
+        rank takes the same decision at the same step.
+
+        Args:
+            signal_number: the SIGINT/SIGTERM number this process received, 0 for none.
+
+        Returns:
+            ``(nonfinite, signal_number)``: the signal is the highest number received by any rank (0 for none).
+        """
+        flags = torch.stack([self._nonfinite.to(torch.int64),
+                             torch.tensor(signal_number, dtype=torch.int64, device=self._nonfinite.device)])
+        if self._distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, signum = (int(x) for x in flags.tolist())
+        if nonfinite:
             self._nonfinite.zero_()
             self.nonfinite_step = self.state.global_step
-            return True
-        return False
+        return bool(nonfinite), signum
+
+    def _distributed(self) -> bool:
+        """Whether several processes train together in an initialised process group."""
+        return self.args.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (a barrier in a distributed run).
+
+        Args:
+            ok: this rank's verdict.
+        """
+        if not self._distributed():
+            return ok
+        flag = torch.tensor(int(ok), dtype=torch.int64, device=self.args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     # ---- logging ------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add tokens/s, trained tokens, peak memory and elapsed time to train logs, then log as HF does."""
         now = time.perf_counter()
         if "loss" in logs:
-            tokens, trained = int(self._tokens.item()), int(self._trained.item())
+            tokens, trained, memory = self._run_counters()
             last_time, last_tokens = self._last_log
             logs["tokens_per_s"] = (tokens - last_tokens) / max(now - last_time, 1e-9)
             logs["trained_tokens"] = trained
-            logs["memory_gib"] = round(peak_memory_gib(self.args.device), 3)
+            logs["memory_gib"] = round(memory, 3)
             self._last_log = (now, tokens)
         logs["elapsed_s"] = round(now - self._start, 3)
         super().log(logs, start_time)
+
+    def _run_counters(self) -> tuple[int, int, float]:
+        """Tokens seen and trained by all ranks together, and the highest peak memory of any rank (GiB)."""
+        counts = torch.stack([self._tokens, self._trained])
+        memory = peak_memory_gib(self.args.device)
+        if self._distributed():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            peak = torch.tensor(memory, dtype=torch.float32, device=self.args.device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            memory = float(peak.item())
+        tokens, trained = (int(x) for x in counts.tolist())
+        return tokens, trained, memory
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model (the adapter, for a PEFT model) as the Hugging Face Trainer does.
+
+        Under FSDP only the trainable parameters are gathered (see :func:`gathered_trainable_state_dict`), where the
+        Trainer would gather the whole model onto rank 0; the saved adapter is the same as a single process's.
+
+        Args:
+            output_dir: where to save (default ``args.output_dir``).
+            _internal_call: as the Trainer's (checkpoint saves pass True).
+        """
+        from peft import PeftModel
+
+        if self.is_fsdp_enabled and isinstance(self.model, PeftModel):
+            state_dict = gathered_trainable_state_dict(self.model)
+            self._save(output_dir, state_dict=state_dict)
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write the checkpoint into a staging folder, then rename it into place (atomic on one filesystem).
 
-        A failure while writing (a full disk, say) leaves the complete checkpoints untouched and raises an
-        OsstuneError naming the last complete one.
+        Every rank runs this; the main process (``args.should_save``) alone clears, renames and rotates, and the
+        ranks agree that every write succeeded before the rename and that the rename succeeded after it. A failure
+        while writing (a full disk, say) on any rank leaves the complete checkpoints untouched and raises an
+        OsstuneError naming the last complete one on every rank.
         """
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
-        self._staging = run_dir / STAGING
-        staged = self._staging / name
+        main = self.args.should_save
+        staging = run_dir / STAGING
+        staged = staging / name
+        error: OSError | None = None
         try:
-            if staged.exists():
-                shutil.rmtree(staged)
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                for extra in self.extra_files:
-                    shutil.copy2(extra, staged / extra.name)
-                _fsync_tree(staged)
-                final = run_dir / name
-                if final.exists():  # re-saving the same step (e.g. a signal right after a scheduled save)
-                    shutil.rmtree(final)
-                os.replace(staged, final)
-                _fsync_dir(run_dir)
-                self._rotate(run_dir)
-        except OSError as exc:
-            done = list_checkpoints(run_dir)
-            raise OsstuneError(
-                f"writing {name} failed ({exc}). Nothing was half-written: the last complete checkpoint is "
-                f"{done[-1] if done else '(none yet)'}. Free disk space, then --resume_from_checkpoint it."
-            ) from exc
+            try:
+                if main and staged.exists():
+                    shutil.rmtree(staged)
+            except OSError as exc:
+                error = exc
+            if self._all_ranks(error is None):
+                self._staging = staging
+                try:
+                    super()._save_checkpoint(model, trial)
+                    if main:
+                        for extra in self.extra_files:
+                            shutil.copy2(extra, staged / extra.name)
+                        _fsync_tree(staged)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._staging = None
+            if self._all_ranks(error is None) and main:
+                try:
+                    final = run_dir / name
+                    if final.exists():  # re-saving the same step (e.g. a signal right after a scheduled save)
+                        shutil.rmtree(final)
+                    os.replace(staged, final)
+                    _fsync_dir(run_dir)
+                    self._rotate(run_dir)
+                except OSError as exc:
+                    error = exc
+            if not self._all_ranks(error is None):
+                done = list_checkpoints(run_dir)
+                reason = f" ({error})" if error is not None else " (on another rank)"
+                raise OsstuneError(
+                    f"writing {name} failed{reason}. Nothing was half-written: the last complete checkpoint is "
+                    f"{done[-1] if done else '(none yet)'}. Free disk space, then --resume_from_checkpoint it."
+                ) from error
         finally:
-            self._staging = None
-            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _rotate(self, run_dir: Path) -> None:
         """Delete the oldest checkpoints beyond ``keep_checkpoints``; the newest always stays."""
