@@ -23,7 +23,7 @@ from osstune.config import DataArgs, TemplateArgs
 from osstune.data.pipeline import prepare_dataset
 from osstune.errors import DataError, OsstuneError
 from osstune.eval import command
-from osstune.eval.command import EvalArgs, default_output_dir, evaluate, generation_records, message_dict, run
+from osstune.eval.command import EvalArgs, default_output_dir, evaluate, generation_records, run
 from osstune.eval.report import METRICS, format_metric
 from osstune.eval.scoring import teacher_forced_scores
 from osstune.infer.generate import Reply
@@ -271,10 +271,10 @@ def test_generation_records_split_at_the_last_assistant_turn() -> None:
     assert [(r.index, r.reference, len(r.prompt)) for r in records] == [(0, "2", 4), (2, "It is 2.", 3)]
     assert records[0].prompt[-1] == Message("user", "1+1?")
     assert records[1].tools == ({"type": "function", "function": {"name": "add"}},)
-    assert message_dict(records[1].prompt[1]) == {"role": "assistant", "content": "",
-                                                  "tool_calls": [{"name": "add", "arguments": '{"a": 1}'}]}
-    assert message_dict(records[1].prompt[2]) == {"role": "tool", "content": "2", "name": "add"}
-    assert message_dict(convs[0].messages[4]) == {"role": "assistant", "content": "2", "thinking": "easy"}
+    assert records[1].prompt[1].to_dict() == {"role": "assistant", "content": "",
+                                                  "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]}
+    assert records[1].prompt[2].to_dict() == {"role": "tool", "content": "2", "name": "add"}
+    assert convs[0].messages[4].to_dict() == {"role": "assistant", "content": "2", "thinking": "easy"}
 
 
 def test_default_output_dir(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from osstune.infer.batch import (
     InferRequest,
     default_result_path,
     infer_dataset,
-    message_dict,
     read_finished,
     read_requests,
 )
@@ -127,8 +126,8 @@ def test_message_dicts_read_back_as_the_same_messages() -> None:
     messages = (Message("system", "S"), Message("user", "Q"),
                 Message("assistant", "", thinking="T", tool_calls=(ToolCall("f", "{\"a\": 1}"),)),
                 Message("tool", "out", name="f"), Message("assistant", "A", thinking="R"))
-    record = {"messages": [message_dict(m) for m in messages]}
-    assert message_dict(messages[2]) == {"role": "assistant", "content": "", "thinking": "T", "tool_calls": [
+    record = {"messages": [m.to_dict() for m in messages]}
+    assert messages[2].to_dict() == {"role": "assistant", "content": "", "thinking": "T", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}
     assert parse_record(json.loads(json.dumps(record)), detect_format(record)).messages == messages
 

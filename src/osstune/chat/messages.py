@@ -41,6 +41,19 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     name: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """This message in the ``messages`` dataset format (so result files read back as datasets):
+        ``role`` and ``content``, plus ``thinking``, OpenAI-style ``tool_calls`` and ``name`` when set."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking is not None:
+            out["thinking"] = self.thinking
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in self.tool_calls]
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
 
 @dataclass(frozen=True)
 class Conversation:

@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 
 import osstune
-from osstune.chat.messages import Conversation, Message, ToolCall
+from osstune.chat.messages import Conversation, Message
 from osstune.chat.options import LOSS_SCALES, REASONING_EFFORTS, RenderOptions
 from osstune.chat.render import render_prompt
 from osstune.config import DataArgs, flag
@@ -165,26 +165,6 @@ def generation_records(conversations: Sequence[Conversation]) -> tuple[list[Gene
     return records, tool_calls
 
 
-def message_dict(message: Message) -> dict[str, Any]:
-    """A message as a JSON object: ``role`` and ``content``, plus ``thinking``, ``tool_calls``, ``name`` when set.
-
-    Args:
-        message: the message.
-    """
-    out: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.thinking is not None:
-        out["thinking"] = message.thinking
-    if message.tool_calls:
-        out["tool_calls"] = [_call_dict(call) for call in message.tool_calls]
-    if message.name:
-        out["name"] = message.name
-    return out
-
-
-def _call_dict(call: ToolCall) -> dict[str, str]:
-    return {"name": call.name, "arguments": call.arguments}
-
-
 def score_samples(model: Any, input_ids: Sequence[Any], labels: Sequence[Any], batch_size: int,
                   description: str) -> Scores:
     """:func:`teacher_forced_scores` over all samples, one forward pass per ``batch_size`` samples, with progress.
@@ -196,16 +176,8 @@ def score_samples(model: Any, input_ids: Sequence[Any], labels: Sequence[Any], b
         batch_size: samples per forward pass.
         description: the progress bar's label.
     """
-    loss_sum, correct, count = 0.0, 0, 0
     with progress_bar(description, total=len(input_ids), unit="sample") as advance:
-        for start in range(0, len(input_ids), batch_size):
-            part = teacher_forced_scores(model, list(input_ids[start:start + batch_size]),
-                                         list(labels[start:start + batch_size]), batch_size=batch_size)
-            loss_sum += part.loss * part.tokens
-            correct += round(part.accuracy * part.tokens)
-            count += part.tokens
-            advance(min(batch_size, len(input_ids) - start))
-    return Scores(loss=loss_sum / max(count, 1), accuracy=correct / max(count, 1), tokens=count)
+        return teacher_forced_scores(model, list(input_ids), list(labels), batch_size=batch_size, on_batch=advance)
 
 
 @dataclass(frozen=True)
@@ -420,7 +392,7 @@ def _signatures(plan: EvalPlan, generations: Sequence[dict[str, Any]]) -> dict[s
 
 def _record_dict(record: GenerationRecord) -> dict[str, Any]:
     return {"source": record.source, "index": record.index,
-            "messages": [message_dict(m) for m in record.prompt], "reference": record.reference}
+            "messages": [m.to_dict() for m in record.prompt], "reference": record.reference}
 
 
 def default_output_dir(cmd: EvalArgs) -> Path:

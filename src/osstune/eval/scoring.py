@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,8 @@ class Scores:
 
 
 @torch.no_grad()
-def teacher_forced_scores(model: Any, input_ids: list[Any], labels: list[Any], batch_size: int = 16) -> Scores:
+def teacher_forced_scores(model: Any, input_ids: list[Any], labels: list[Any], batch_size: int = 16,
+                          on_batch: Callable[[int], None] | None = None) -> Scores:
     """Score samples with teacher forcing: at each trained position, does the model predict the target token?
 
     Args:
@@ -40,6 +42,7 @@ def teacher_forced_scores(model: Any, input_ids: list[Any], labels: list[Any], b
         input_ids: one id sequence per sample.
         labels: unshifted labels per sample, ``IGNORE_INDEX`` where not trained.
         batch_size: samples per forward pass (right-padded).
+        on_batch: called with the number of samples after each forward pass (e.g. a progress bar's advance).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -62,6 +65,8 @@ def teacher_forced_scores(model: Any, input_ids: list[Any], labels: list[Any], b
             loss_sum += torch.nn.functional.cross_entropy(picked, target[trained], reduction="sum").item()
             correct += int((picked.argmax(-1) == target[trained]).sum())
             count += int(trained.sum())
+            if on_batch is not None:
+                on_batch(len(ids))
     finally:
         model.train(was_training)
     return Scores(loss=loss_sum / max(count, 1), accuracy=correct / max(count, 1), tokens=count)

@@ -152,23 +152,6 @@ def _with_answer_slot(data: Mapping[str, Any], fmt: str) -> dict[str, Any] | Non
     return {**data, key: [*turns, slot]}
 
 
-def message_dict(message: Message) -> dict[str, Any]:
-    """A message in the ``messages`` dataset format (so result files can be read back as datasets).
-
-    Args:
-        message: the message.
-    """
-    out: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.thinking is not None:
-        out["thinking"] = message.thinking
-    if message.tool_calls:
-        out["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in message.tool_calls]
-    if message.name is not None:
-        out["name"] = message.name
-    return out
-
-
 def default_result_path(adapter_dir: Path | None, model_dir: Path, now: _dt.datetime | None = None) -> Path:
     """Where results go without ``--result_path``, as ms-swift does it.
 
@@ -213,7 +196,7 @@ def read_finished(path: Path, requests: Sequence[InferRequest]) -> set[int]:
             raise OsstuneError(f"--result_path {path}: line {number} is not a result line. Delete or repair it, "
                                "or pass another --result_path.") from None
         if not isinstance(index, int) or not 0 <= index < len(requests) or \
-                row.get("messages") != [message_dict(m) for m in requests[index].messages]:
+                row.get("messages") != [m.to_dict() for m in requests[index].messages]:
             raise OsstuneError(f"--result_path {path}: line {number} (index {index}) does not match this "
                                "--val_dataset; the file holds results of other data. Pass another --result_path.")
         done.add(index)
@@ -259,7 +242,7 @@ def result_line(request: InferRequest, reply: Reply, prompt_tokens: int, latency
     """
     return {
         "index": request.index,
-        "messages": [message_dict(m) for m in request.messages],
+        "messages": [m.to_dict() for m in request.messages],
         "reference": request.reference,
         "response": reply.final,
         "reasoning": reply.reasoning,
