@@ -99,10 +99,11 @@ def answers(model: Any, tokenizer: Any, questions: list[str]) -> list[str]:
 def run(args: dict[type, Any]) -> int:
     """Run the demo; returns the exit code of training."""
     import torch
-    from peft import PeftModel
 
+    from osstune.data.pipeline import prepare_dataset
+    from osstune.eval.scoring import teacher_forced_scores
+    from osstune.infer.loading import load_for_inference
     from osstune.models.gpt_oss.tiny import write_tiny_model
-    from osstune.models.gpt_oss.moe_lora import enable_grouped_expert_lora
     from osstune.models.loading import load_model
     from osstune.train.sft import train
 
@@ -121,6 +122,8 @@ def run(args: dict[type, Any]) -> int:
     before = answers(base.model, base.tokenizer, questions)
 
     cfg = demo_config(model_dir, out, opts.num_train_epochs, opts.report_to)
+    data = prepare_dataset(cfg.data, cfg.template.render_options(), base.tokenizer, show_progress=False)
+    accuracy_before = teacher_forced_scores(base.model, data.train.input_ids, data.train.labels).accuracy
     console.print("training: osstune sft --model {m} --dataset {d} self-cognition#60 --model_name 咪咪 Mimi "
                   "--model_author osstune --lora_rank 16 --learning_rate 5e-3 --num_train_epochs {e:g} ..."
                   .format(m=model_dir, d=demo_data(), e=opts.num_train_epochs))
@@ -128,16 +131,18 @@ def run(args: dict[type, Any]) -> int:
     if result.last_checkpoint is None:
         return result.exit_code or 1
 
-    tuned = PeftModel.from_pretrained(load_model(str(model_dir), torch_dtype="float32").model,
-                                      result.last_checkpoint)
-    enable_grouped_expert_lora(tuned)
+    tuned = load_for_inference(adapters=str(result.last_checkpoint), torch_dtype="float32", console=console).model
     after = answers(tuned, base.tokenizer, questions)
+    accuracy_after = teacher_forced_scores(tuned, data.train.input_ids, data.train.labels).accuracy
     table = Table(title="Answers before and after fine-tuning", show_lines=True)
     for col in ("question", "before", "after"):
         table.add_column(col, overflow="fold")
     for q, b, a in zip(questions, before, after):
         table.add_row(q, b, a)
     console.print(table)
+    console.print(f"teacher-forced accuracy on the trained tokens: {accuracy_before:.1%} before, "
+                  f"{accuracy_after:.1%} after (a 4-layer, 64-wide random model: it learns the persona's form "
+                  "first, and the exact answers of a few hundred conversations only partly in a few minutes)")
     run_dir = result.run_dir
     console.print(f"\ncharts and report: {run_dir / 'report.html'}  (PNG charts beside it)")
     console.print(f"demo wall time: {time.perf_counter() - start:.0f} s\n")
