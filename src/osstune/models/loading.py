@@ -1,6 +1,7 @@
 """Loading a local model folder for training or inference: gpt-oss first-class, any other causal LM generically.
 
-gpt-oss MXFP4 checkpoints are dequantised on load (``Mxfp4Config(dequantize=True)``) to the requested dtype;
+gpt-oss MXFP4 checkpoints are dequantised on load (``Mxfp4Config(dequantize=True)``) to the requested dtype, or,
+with ``expert_weights="mxfp4"``, keep their experts as MXFP4 (``osstune.models.gpt_oss.mxfp4_experts``);
 attention is ``flex_attention`` on CUDA and ``eager`` on CPU, the two transformers implementations that apply
 gpt-oss's attention sinks. Other models load through ``AutoModelForCausalLM`` with sdpa attention.
 """
@@ -41,6 +42,9 @@ WEIGHT_FILES: tuple[tuple[str, str], ...] = (
 )
 """Weight layouts a model folder may use, in order of preference: a single file, or a sharded index."""
 
+EXPERT_WEIGHTS: tuple[str, ...] = ("mxfp4", "bf16", "auto")
+"""``--expert_weights`` choices: keep MXFP4 experts as MXFP4, dequantise them to the load dtype, or pick by memory."""
+
 
 @dataclass
 class LoadedModel:
@@ -55,6 +59,8 @@ class LoadedModel:
         attn_impl: the attention implementation in use.
         dtype: the dtype of the weights.
         device: where the weights are.
+        expert_weights: ``mxfp4`` when the gpt-oss experts stayed MXFP4 (``Mxfp4Experts``), else ``bf16`` (dense
+            in ``dtype``).
     """
 
     model: Any
@@ -65,6 +71,7 @@ class LoadedModel:
     attn_impl: str
     dtype: torch.dtype
     device: torch.device
+    expert_weights: str = "bf16"
 
 
 def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
@@ -182,6 +189,7 @@ def load_model(
     attn_impl: str | None = None,
     device: str | None = None,
     console: Console | None = None,
+    expert_weights: str = "bf16",
 ) -> LoadedModel:
     """Load a local causal LM and its tokenizer, printing the memory need and a one-line summary.
 
@@ -191,6 +199,9 @@ def load_model(
         attn_impl: attention implementation (see ``resolve_attn_impl``).
         device: where to load (see ``resolve_device``).
         console: where to print; a stderr console when None.
+        expert_weights: gpt-oss MXFP4 experts: ``bf16`` dequantises them to ``torch_dtype``, ``mxfp4`` keeps them
+            as MXFP4 and dequantises on the fly (see ``resolve_expert_weights``), ``auto`` picks ``mxfp4`` when the
+            dense weights would not fit in the free memory of ``device``.
 
     Returns:
         The model in eval mode, its tokenizer and what was decided.
@@ -212,6 +223,7 @@ def load_model(
         _say(console, f"generic path: {config.get('model_type', 'unknown model type')}; "
                       "harmony-specific features are off")
     _report_memory(console, config, dtype, target)
+    experts = resolve_expert_weights(expert_weights, config, dtype, target, console)
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn, "device_map": {"": target}}
     if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
@@ -223,14 +235,20 @@ def load_model(
     start = time.perf_counter()
     try:
         with _quiet_transformers():
-            loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+            if experts == "mxfp4":
+                from osstune.models.gpt_oss.mxfp4_experts import load_mxfp4_model
+
+                loaded = load_mxfp4_model(model_dir, check_weight_files(model_dir), dtype=dtype, attn_impl=attn,
+                                          device=target)
+            else:
+                loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise OsstuneError(f"--model {model_dir}: transformers could not load the model ({exc}).") from None
     seconds = time.perf_counter() - start
     params = sum(param.numel() for param in loaded.parameters())
     dtype_name = str(dtype).removeprefix("torch.")
     _say(console, f"loaded {model_dir}: dtype {dtype_name}, attn {attn}, {_format_count(params)} params, "
-                  f"{target}, {seconds:.1f}s")
+                  f"{target}, {seconds:.1f}s" + (", experts kept as MXFP4" if experts == "mxfp4" else ""))
     return LoadedModel(
         model=loaded.eval(),
         tokenizer=tokenizer,
@@ -240,7 +258,49 @@ def load_model(
         attn_impl=attn,
         dtype=dtype,
         device=target,
+        expert_weights=experts,
     )
+
+
+def resolve_expert_weights(
+    expert_weights: str, config: dict[str, Any], dtype: torch.dtype, device: torch.device, console: Console
+) -> str:
+    """How the gpt-oss experts are held once loaded: ``mxfp4`` or ``bf16`` (dense in the load dtype).
+
+    Args:
+        expert_weights: ``mxfp4``, ``bf16`` or ``auto``.
+        config: the model's ``config.json``.
+        dtype: the load dtype.
+        device: the device the model is loaded onto.
+        console: where ``auto`` says what it chose and why.
+
+    Returns:
+        ``mxfp4`` or ``bf16``. ``auto`` gives ``mxfp4`` for an MXFP4 gpt-oss checkpoint whose dense weights would
+        not fit in the free memory of ``device``, else ``bf16``.
+
+    Raises:
+        OsstuneError: an unknown choice, or ``mxfp4`` for a model that is not an MXFP4 gpt-oss checkpoint.
+    """
+    from osstune.models.gpt_oss.mxfp4_experts import is_mxfp4_checkpoint
+
+    if expert_weights not in EXPERT_WEIGHTS:
+        raise OsstuneError(f"--expert_weights {expert_weights}: use one of {', '.join(EXPERT_WEIGHTS)}.")
+    mxfp4 = is_gpt_oss(config) and is_mxfp4_checkpoint(config)
+    if expert_weights == "mxfp4" and not mxfp4:
+        raise OsstuneError("--expert_weights mxfp4: the model is not a gpt-oss checkpoint with MXFP4 experts (no "
+                           "quantization_config with quant_method mxfp4); use --expert_weights bf16.")
+    if expert_weights != "auto":
+        return expert_weights
+    if not mxfp4:
+        return "bf16"
+    need = estimate_load_bytes(config, dtype)
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        _say(console, f"--expert_weights auto: the dense weights (~{format_bytes(need)}) do not fit the "
+                      f"{format_bytes(free)} free on {device}; keeping the experts as MXFP4")
+        return "mxfp4"
+    _say(console, "--expert_weights auto: the dense weights fit; dequantising the experts on load")
+    return "bf16"
 
 
 def _report_memory(console: Console, config: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:

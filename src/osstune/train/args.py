@@ -20,6 +20,9 @@ class LoadArgs:
     torch_dtype: str = flag("bfloat16", "Compute dtype; MXFP4 experts are dequantised to it.",
                              choices=("bfloat16", "bf16", "float16", "fp16", "float32", "fp32", "auto"))
     attn_impl: str | None = flag(None, "Attention kernel: flex_attention (CUDA) or eager; default picks per device.")
+    expert_weights: str = flag("bf16", "gpt-oss MXFP4 experts: bf16 dequantises them on load, mxfp4 keeps them as "
+                               "MXFP4 and dequantises on the fly, auto picks mxfp4 when bf16 would not fit.",
+                               choices=("mxfp4", "bf16", "auto"))
 
 
 @dataclass

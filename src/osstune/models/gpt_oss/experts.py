@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,34 @@ GROUPED_MM_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
 GROUPED_MM_ALIGN_BYTES = 16
 """The CUDA grouped matmul kernel needs every row stride to be a multiple of this many bytes."""
+
+
+class ExpertWeights(Protocol):
+    """A stack of expert weights ``[E, I, O]`` held in another form than one dense tensor (e.g. MXFP4 codes).
+
+    ``experts_forward`` accepts it wherever it takes a dense stack: it reads ``shape`` and ``dtype`` and lets the
+    stack multiply the routed rows itself.
+    """
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape ``[E, I, O]``."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are computed in."""
+        ...
+
+    def matmul(self, x_SI: torch.Tensor, ends_E: torch.Tensor, grouped: bool) -> torch.Tensor:
+        """``out[s] = x_SI[s] @ W[e]`` for the expert e owning row s (as ``grouped_matmul``), [S, O].
+
+        Args:
+            x_SI: rows sorted by expert, [S, I].
+            ends_E: int32 end row of each expert's block, [E].
+            grouped: use the grouped matmul kernel, else loop over the experts' blocks.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -75,12 +104,12 @@ def route_by_expert(router_indices_TK: torch.Tensor, num_experts: int) -> Expert
     return ExpertRouting(token_S=pair_S // top_k, pair_S=pair_S, expert_S=expert_S, ends_E=ends_E)
 
 
-def grouped_mm_applies(x_SI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+def grouped_mm_applies(x_SI: torch.Tensor, w_EIO: torch.Tensor | ExpertWeights) -> bool:
     """Whether the CUDA grouped matmul kernel can compute ``x_SI`` times the stacked weights ``w_EIO``.
 
     Args:
         x_SI: the rows, sorted by expert, [S, I].
-        w_EIO: the expert weights, [E, I, O].
+        w_EIO: the expert weights, [E, I, O], dense or an ``ExpertWeights``.
 
     Returns:
         True on CUDA for float16/bfloat16 operands of one dtype whose widths I and O are 16-byte aligned.
@@ -134,7 +163,7 @@ def pad_rank(factors: LoraFactors, multiple: int) -> LoraFactors:
 
 def expert_linear(
     x_SI: torch.Tensor,
-    w_EIO: torch.Tensor,
+    w_EIO: torch.Tensor | ExpertWeights,
     bias_EO: torch.Tensor | None,
     routing: ExpertRouting,
     loras: Sequence[LoraFactors],
@@ -144,7 +173,7 @@ def expert_linear(
 
     Args:
         x_SI: rows sorted by expert, [S, I], in the dtype of ``w_EIO``.
-        w_EIO: expert weights, [E, I, O].
+        w_EIO: expert weights, [E, I, O], dense or an ``ExpertWeights`` (which then computes ``x @ W[e]`` itself).
         bias_EO: expert biases, [E, O], or None.
         routing: the sorted pairs the rows belong to.
         loras: LoRA updates of ``w_EIO``, summed (one per active adapter); their factors are cast to the dtype
@@ -156,7 +185,10 @@ def expert_linear(
         The projected rows, [S, O].
     """
     # In-place adds are safe: no matmul keeps its output for the backward pass.
-    out_SO = grouped_matmul(x_SI, w_EIO, routing.ends_E, grouped)
+    if isinstance(w_EIO, torch.Tensor):
+        out_SO = grouped_matmul(x_SI, w_EIO, routing.ends_E, grouped)
+    else:
+        out_SO = w_EIO.matmul(x_SI, routing.ends_E, grouped)
     if bias_EO is not None:
         out_SO.add_(bias_EO.index_select(0, routing.expert_S))
     for factors in loras:
@@ -166,7 +198,7 @@ def expert_linear(
             scaling=factors.scaling,
         )
         if grouped:
-            factors = pad_rank(factors, GROUPED_MM_ALIGN_BYTES // w_EIO.element_size())
+            factors = pad_rank(factors, GROUPED_MM_ALIGN_BYTES // w_EIO.dtype.itemsize)
         mid_SR = grouped_matmul(x_SI, factors.a_EIR, routing.ends_E, grouped) * factors.scaling
         out_SO.add_(grouped_matmul(mid_SR, factors.b_ERO, routing.ends_E, grouped))
     return out_SO
@@ -177,9 +209,9 @@ def experts_forward(
     router_indices_TK: torch.Tensor,
     routing_weights_TK: torch.Tensor,
     *,
-    gate_up_EHF: torch.Tensor,
+    gate_up_EHF: torch.Tensor | ExpertWeights,
     gate_up_bias_EF: torch.Tensor | None,
-    down_EIH: torch.Tensor,
+    down_EIH: torch.Tensor | ExpertWeights,
     down_bias_EH: torch.Tensor | None,
     apply_gate: Callable[[torch.Tensor], torch.Tensor],
     gate_up_loras: Sequence[LoraFactors] = (),
@@ -192,9 +224,10 @@ def experts_forward(
         hidden_TH: token states, [T, H].
         router_indices_TK: experts chosen per token, [T, K].
         routing_weights_TK: weight of each chosen expert, [T, K].
-        gate_up_EHF: gate/up weights, [E, H, F] with F = 2 * intermediate (gate and up columns interleaved).
+        gate_up_EHF: gate/up weights, [E, H, F] with F = 2 * intermediate (gate and up columns interleaved), dense
+            or an ``ExpertWeights``.
         gate_up_bias_EF: gate/up biases, [E, F], or None.
-        down_EIH: down weights, [E, intermediate, H].
+        down_EIH: down weights, [E, intermediate, H], dense or an ``ExpertWeights``.
         down_bias_EH: down biases, [E, H], or None.
         apply_gate: the activation, [S, F] -> [S, intermediate] (``GptOssExperts._apply_gate``).
         gate_up_loras: LoRA updates of ``gate_up_EHF``.

@@ -7,8 +7,8 @@ PEFT creates the adapter (``LoraConfig(target_parameters=expert_target_parameter
 the whole stack on every forward. ``enable_grouped_expert_lora`` keeps PEFT's modules, parameters and file
 format, and replaces only the forward of each wrapped ``GptOssExperts`` by one that reads the same ``lora_A`` /
 ``lora_B`` and computes ``x @ W[e] + b[e] + scaling * (x @ A_e^T) @ B_e^T`` for the routed tokens only
-(``experts.experts_forward``). Saving stays ``model.save_pretrained``, loading stays
-``PeftModel.from_pretrained``.
+(``experts.experts_forward``); experts kept as MXFP4 (``mxfp4_experts.Mxfp4Experts``) are dequantised on the fly.
+Saving stays ``model.save_pretrained``, loading stays ``PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.experts import LoraFactors, experts_forward
+from osstune.models.gpt_oss.mxfp4_experts import Mxfp4Experts
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 """The expert weight stacks that take LoRA, in PEFT ``target_parameters`` spelling."""
@@ -129,13 +130,17 @@ class GroupedExpertLoraForward:
                 if adapter in wrapper.lora_A:
                     loras[wrapper.parameter_name].append(peft_lora_factors(wrapper, adapter))
         experts = self.wrapper.get_base_layer()
+        if isinstance(experts, Mxfp4Experts):
+            gate_up, down = experts.weight_stacks()
+        else:
+            gate_up, down = experts.gate_up_proj, experts.down_proj
         return experts_forward(
             hidden_states,
             router_indices,
             routing_weights,
-            gate_up_EHF=experts.gate_up_proj,
+            gate_up_EHF=gate_up,
             gate_up_bias_EF=experts.gate_up_proj_bias,
-            down_EIH=experts.down_proj,
+            down_EIH=down,
             down_bias_EH=experts.down_proj_bias,
             apply_gate=experts._apply_gate,
             gate_up_loras=loras["gate_up_proj"],
