@@ -55,6 +55,21 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id]
 
 
+def closes_analysis(tokenizer: Any, tok: Any, generated: Sequence[int]) -> bool:
+    """Whether the message being generated last (after the last ``<|start|>``) is on the analysis channel.
+
+    Args:
+        tokenizer: a harmony tokenizer.
+        tok: its :class:`~osstune.chat.tokenizer.HarmonyTokens`.
+        generated: the generated ids so far (the first message has no ``<|start|>``: it follows the prompt's).
+    """
+    start = max((i for i, t in enumerate(generated) if t == tok.start), default=-1) + 1
+    header = list(generated[start:])
+    header = header[: header.index(tok.message)] if tok.message in header else header
+    channel = tokenizer.decode(header, skip_special_tokens=False).split("<|channel|>")[-1]
+    return channel.strip().startswith("analysis")
+
+
 class HarmonyStop(StoppingCriteria):
     """Stops a row on ``<|return|>`` or ``<|call|>``, and on ``<|end|>`` unless it closes an analysis message.
 
@@ -71,12 +86,7 @@ class HarmonyStop(StoppingCriteria):
         last = input_ids[:, -1]
         done = (last == tok.return_) | (last == tok.call)
         for row in torch.nonzero(last == tok.end).flatten().tolist():
-            generated = input_ids[row, self.prompt_length:].tolist()
-            start = max((i for i, t in enumerate(generated) if t == tok.start), default=-1) + 1
-            header = generated[start:]
-            header = header[: header.index(tok.message)] if tok.message in header else header
-            channel = self.tokenizer.decode(header, skip_special_tokens=False).split("<|channel|>")[-1]
-            done[row] = not channel.strip().startswith("analysis")
+            done[row] = not closes_analysis(self.tokenizer, tok, input_ids[row, self.prompt_length:].tolist())
         return done
 
 
@@ -227,18 +237,11 @@ def _until_stop(row: list[int], tokenizer: Any) -> list[int]:
     if tok is None:
         eos = tokenizer.eos_token_id
         return row[: row.index(eos) + 1] if eos in row else row
-    message_channel: list[int] = []
     for i, token in enumerate(row):
         if token in (tok.return_, tok.call):
             return row[: i + 1]
-        if token == tok.start:
-            message_channel = []
-        elif token == tok.end:
-            channel = tokenizer.decode(message_channel, skip_special_tokens=False).split("<|channel|>")[-1]
-            if not channel.strip().startswith("analysis"):
-                return row[: i + 1]
-        else:
-            message_channel.append(token)
+        if token == tok.end and not closes_analysis(tokenizer, tok, row[:i]):
+            return row[: i + 1]
     return row
 
 
