@@ -52,16 +52,6 @@ FSDP_STEPS = 3
 LOSS_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "thinking": f"Add {i} and {i}.", "content": f"{2 * i}, nya~"}]}
-            for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def flags(model: Path, data: Path, out: Path, batch: int, *extra: str) -> list[str]:
     return ["--model", str(model), "--dataset", str(data), "--torch_dtype", "float32", "--max_steps", str(STEPS),
             "--save_steps", "1000", "--logging_steps", "1", "--learning_rate", "2e-3", "--lora_rank", "4",

@@ -41,16 +41,6 @@ TINY_LAYOUT = LoraLayout(rank=4, expert_layers=frozenset(range(4)))
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "thinking": f"Add {i} and {i}.", "content": f"{2 * i}, nya~"}]}
-            for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
 def weightless_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's folder without its weights: a dry run must not need them."""
     folder = tmp_path_factory.mktemp("weightless") / "model"

@@ -26,17 +26,6 @@ from osstune.train.sft import SftConfig, train
 DATE = "2026-01-01"
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = []
-    for i in range(24):
-        rows.append({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                  {"role": "assistant", "thinking": f"Add {i} and {i}.", "content": f"{2 * i}, nya~"}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def config(model: Path, data: Path, out: Path, **train_kw: Any) -> SftConfig:
     lora_dropout = train_kw.pop("lora_dropout", 0.05)
     train_kw.setdefault("learning_rate", 2e-3)
