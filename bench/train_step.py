@@ -67,6 +67,10 @@ from osstune.train.collator import (
 STACKS: tuple[str, ...] = ("seed", "hf_best", "osstune")
 """The stacks, in the order they run."""
 
+VARIANTS: tuple[str, ...] = ("nockpt", "compile_moe", "compile_layer")
+"""Extra osstune rows (``--osstune-variants``): ``nockpt`` = no activation checkpointing; ``compile_moe`` /
+``compile_layer`` = ``torch.compile`` of each decoder layer's MoE block / whole decoder layer."""
+
 SCENARIOS: tuple[str, ...] = ("fixed", "mix", "long")
 """Scenario kinds: the short fixed batch, the real-length mix, the single long sequence."""
 
@@ -444,6 +448,65 @@ def time_steps(
     return times, float(losses[0]), float(losses[-1])
 
 
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flex_attention", "attn", "flash", "fmha")),
+    ("loss", ("cross_entropy", "liger", "_ce_")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "grouped", "matmul", "mm_")),
+    ("index/sort", ("index", "scatter", "gather", "sort", "radix", "searchsorted", "cub::", "embedding")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("reduce", ("reduce", "norm", "sum_")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton_", "copy", "fill", "cat")),
+)
+"""Kernel-name fragments (lower case) that place a GPU kernel in a profile category, first match wins."""
+
+
+def kernel_kind(name: str) -> str:
+    """The profile category of a GPU kernel, from its name (``KERNEL_KINDS``), else ``other``.
+
+    Args:
+        name: the kernel's name as the profiler reports it.
+    """
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(part in lowered for part in parts)), "other")
+
+
+def profile_step(run_step: Callable[[], torch.Tensor], label: str, rows: int = 25) -> str:
+    """Run one step under the PyTorch profiler and summarise where the GPU time goes.
+
+    Args:
+        run_step: one training step.
+        label: what was profiled, for the heading.
+        rows: how many of the most expensive kernels to list.
+
+    Returns:
+        Markdown: GPU time per kernel category, then the top kernels by GPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run_step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [event for event in prof.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA
+               and event.self_device_time_total > 0]
+    total = sum(event.self_device_time_total for event in kernels)
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total
+    lines = [f"### profile: {label} (one step; wall {wall * 1e3:.0f} ms under the profiler, GPU busy "
+             f"{total / 1e3:.0f} ms)", "", "| kind | GPU ms | share |", "|---|---:|---:|"]
+    for kind, micros in sorted(by_kind.items(), key=lambda item: -item[1]):
+        lines.append(f"| {kind} | {micros / 1e3:.1f} | {micros / total:.1%} |")
+    lines += ["", "| kernel | kind | calls | GPU ms | share |", "|---|---|---:|---:|---:|"]
+    for event in sorted(kernels, key=lambda item: -item.self_device_time_total)[:rows]:
+        name = event.key.replace("|", "/")[:110]
+        lines.append(f"| {name} | {kernel_kind(event.key)} | {event.count} | {event.self_device_time_total / 1e3:.1f} "
+                     f"| {event.self_device_time_total / total:.1%} |")
+    return "\n".join(lines)
+
+
 def _free(model: torch.nn.Module, device: torch.device) -> None:
     """Drop gradients, collect garbage and return cached device memory.
 
@@ -466,6 +529,7 @@ def measure(
     pieces: str,
     setup: Setup,
     options: Options,
+    profile_sink: Callable[[str], None] | None = None,
 ) -> Cell:
     """Time one stack on one scenario; an out-of-memory error or another failure is recorded, not raised.
 
@@ -478,6 +542,8 @@ def measure(
         pieces: the stack's pieces, for the notes.
         setup: the run's setup.
         options: step counts and the time cap.
+        profile_sink: when given (CUDA only), one more step runs under the profiler after the timed steps and
+            its summary (``profile_step``) is passed to this.
     """
     batches = scenario.packed if packs else scenario.padded
     detail = scenario.packed_detail if packs else scenario.padded_detail
@@ -487,9 +553,11 @@ def measure(
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True if setup.device.type == "cuda" else None)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
+    run_step = partial(train_step, model, optimizer, batches, token_shares(batches), linear_ce)
     try:
-        cell.step_s, cell.first_loss, cell.loss = time_steps(
-            partial(train_step, model, optimizer, batches, token_shares(batches), linear_ce), setup.device, options)
+        cell.step_s, cell.first_loss, cell.loss = time_steps(run_step, setup.device, options)
+        if profile_sink is not None and setup.device.type == "cuda":
+            profile_sink(profile_step(run_step, f"{stack} {scenario.name}"))
     except torch.OutOfMemoryError:
         cell.status = "OOM"
     except Exception as exc:  # noqa: BLE001 - one broken cell must not end the run; the traceback goes to stderr
@@ -558,6 +626,35 @@ def wrap(stack: str, model: Any, setup: Setup, loss_label: str) -> tuple[PeftMod
                         f"(X@A)@B; {loss_label}")
 
 
+def compile_layers(model: Any, variant: str) -> str:
+    """``torch.compile`` the forward of each decoder layer (``compile_layer``) or of its MoE block (``compile_moe``).
+
+    Args:
+        model: the base model (its modules are shared with the PEFT wrapper).
+        variant: the osstune variant; others compile nothing.
+
+    Returns:
+        What was compiled, for the notes (empty when nothing was).
+    """
+    if variant not in ("compile_moe", "compile_layer"):
+        return ""
+    layers = model.model.layers
+    targets = [layer.mlp for layer in layers] if variant == "compile_moe" else list(layers)
+    for module in targets:
+        module.forward = torch.compile(module.forward, dynamic=False)
+    return f"torch.compile of {len(targets)} {'MoE blocks' if variant == 'compile_moe' else 'decoder layers'}"
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``compile_layers`` replaced the module's forward.
+
+    Args:
+        module: any module.
+    """
+    forward = module.__dict__.get("forward")
+    return forward is not None and hasattr(forward, "_torchdynamo_orig_callable")
+
+
 def run_stack(
     stack: str,
     model: Any,
@@ -566,6 +663,7 @@ def run_stack(
     options: Options,
     fused: tuple[LinearCrossEntropy | None, str],
     report: Callable[[Cell], None],
+    profile_sink: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Wrap the model for one stack, measure it on every scenario, and unwrap it again.
 
@@ -578,30 +676,47 @@ def run_stack(
         fused: the linear cross-entropy of ``hf_best`` and ``osstune`` and its label (see
             ``linear_cross_entropy``).
         report: called with each finished cell.
+        profile_sink: see ``measure``; used for the plain ``osstune`` stack only.
 
     Returns:
         The stack's description: its pieces, trainable parameters and, for osstune, its LoRA summary.
     """
     linear_ce, loss_label = (None, "HF loss") if stack == "seed" else fused
+    base_stack, _, variant = stack.partition("[")
+    variant = variant.rstrip("]")
     try:
-        peft_model, pieces = wrap(stack, model, setup, loss_label)
+        peft_model, pieces = wrap(base_stack, model, setup, loss_label)
     except Exception as exc:  # noqa: BLE001 - the other stacks still run; the traceback goes to stderr
         traceback.print_exc()
         status = f"error: wrapping failed: {exc.__class__.__name__}"
         for scenario in scenarios:
             report(Cell(stack, scenario.name, status, scenario.tokens, 0, notes=str(exc).replace("|", "/")[:200]))
         return {"pieces": status, "trainable_params": 0}
-    pieces += "; checkpointing"
+    if variant == "nockpt":
+        model.activation_checkpointing_disable()
+        pieces += "; no checkpointing"
+    else:
+        pieces += "; checkpointing"
+    compiled = compile_layers(model, variant)
+    if compiled:
+        pieces += f"; {compiled}"
     trainable = sum(param.numel() for param in peft_model.parameters() if param.requires_grad)
     info: dict[str, Any] = {"pieces": pieces, "trainable_params": trainable}
     handles = []
-    if stack == "osstune":
+    if base_stack == "osstune":
         info["lora"] = trainable_summary(peft_model)
         handles = install_packed_attention_masks(peft_model)
+    sink = profile_sink if stack == "osstune" else None
     try:
         for scenario in scenarios:
-            report(measure(peft_model, stack, scenario, stack == "osstune", linear_ce, pieces, setup, options))
+            report(measure(peft_model, stack, scenario, base_stack == "osstune", linear_ce, pieces, setup, options,
+                           sink))
     finally:
+        if variant == "nockpt":
+            model.activation_checkpointing_enable()
+        for module in model.modules():
+            if _is_compiled(module):
+                del module.forward
         for handle in handles:
             handle.remove()
         peft_model.unload()
@@ -734,6 +849,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pad-batch", type=int, default=4, help="samples per padded micro-batch of the mix")
     parser.add_argument("--no-liger", action="store_true", help="hf_best and osstune use the HF loss")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, token ids and lengths")
+    parser.add_argument("--osstune-variants", default="",
+                        help=f"extra osstune rows, comma-separated, from {', '.join(VARIANTS)} (nockpt: no "
+                             "activation checkpointing)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing each osstune cell, profile one more step and print where the GPU time "
+                             "goes (CUDA only)")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.pad_batch < 1:
         parser.error("--warmup must be >= 0, --steps and --pad-batch >= 1")
@@ -808,6 +929,8 @@ def summary_lines(record: dict[str, Any], cells: Sequence[Cell], scenarios: Sequ
         lines.append(f"{stack}: {info['pieces']}; {params}")
     lines.append("")
     lines.extend(ratio_lines(cells, scenarios))
+    for text in record.get("profiles", []):
+        lines += ["", text]
     lines.append(f"total {record['total_s']:.0f}s")
     return lines
 
@@ -823,6 +946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = parse_args(argv)
     stacks = [name for name in STACKS if name in _csv(args.stacks, STACKS, "--stacks")]
+    if args.osstune_variants:
+        stacks += [f"osstune[{name}]" for name in _csv(args.osstune_variants, VARIANTS, "--osstune-variants")]
     kinds = _csv(args.scenarios, SCENARIOS, "--scenarios")
     from transformers.utils import logging as hf_logging
 
@@ -853,9 +978,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"loss {_number(cell.first_loss, 4)} -> {_number(cell.loss, 4)}", file=sys.stderr, flush=True)
         save(record, out_dir)
 
+    profiles: list[str] = []
+
+    def keep_profile(text: str) -> None:
+        profiles.append(text)
+        record["profiles"] = profiles
+        print(text, file=sys.stderr, flush=True)
+        save(record, out_dir)
+
     fused = linear_cross_entropy(args.tiny, not args.no_liger)
     for stack in stacks:
-        record["stacks"][stack] = run_stack(stack, model, scenarios, setup, options, fused, report)
+        record["stacks"][stack] = run_stack(stack, model, scenarios, setup, options, fused, report,
+                                            keep_profile if args.profile else None)
     record["ratios"] = ratios(cells, scenarios)
     record["total_s"] = time.perf_counter() - started
     save(record, out_dir)

@@ -25,6 +25,7 @@ from osstune.models.gpt_oss.moe_lora import (
     enable_grouped_expert_lora,
     expert_target_parameters,
 )
+from osstune.models.lora_linear import enable_fused_lora_linear
 
 ALL_LINEAR = "all-linear"
 """``target_modules`` keyword: every linear layer of the attention (gpt-oss), or PEFT's own all-linear (others)."""
@@ -182,6 +183,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, console: Console | None = None)
             highlight=False,
             soft_wrap=True,
         )
+    enable_fused_lora_linear(peft_model)
     if model.config.model_type == "gpt_oss":
         enable_grouped_expert_lora(peft_model)
     return peft_model
