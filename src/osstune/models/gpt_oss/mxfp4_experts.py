@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from transformers import PreTrainedConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.errors import OsstuneError
+from osstune.kernels.swiglu import clamp_swiglu
 from osstune.models.gpt_oss.experts import experts_forward
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
@@ -70,10 +72,18 @@ class Mxfp4Stack:
     def dequantize(self, experts: slice = slice(None)) -> torch.Tensor:
         """Dense weights of some experts, ``[e, I, O]``, bit-identical to transformers' MXFP4 dequantisation.
 
+        On CUDA (float32/bfloat16/float16) one Triton kernel decodes them (``osstune.kernels.mxfp4``); elsewhere the
+        PyTorch reference ``dequantize_mxfp4`` does, which is the specification the kernel is tested against.
+
         Args:
             experts: which experts, as a slice of the expert dimension.
         """
-        return dequantize_mxfp4(self.blocks[experts], self.scales[experts], self.compute_dtype)
+        blocks, scales = self.blocks[experts], self.scales[experts]
+        if blocks.is_cuda and self.compute_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from osstune.kernels.mxfp4 import dequantize_mxfp4_triton  # imports Triton, which CPU installs may lack
+
+            return dequantize_mxfp4_triton(blocks, scales, self.compute_dtype)
+        return dequantize_mxfp4(blocks, scales, self.compute_dtype)
 
     def matmul(self, x_SI: torch.Tensor, ends_E: torch.Tensor, grouped: bool) -> torch.Tensor:
         """``out[s] = x_SI[s] @ W[e]`` for the expert e owning row s; differentiable in ``x_SI`` only.
@@ -246,7 +256,7 @@ class Mxfp4Experts(GptOssExperts):
             gate_up_bias_EF=self.gate_up_proj_bias,
             down_EIH=down,
             down_bias_EH=self.down_proj_bias,
-            apply_gate=self._apply_gate,
+            apply_gate=partial(clamp_swiglu, alpha=self.alpha, limit=self.limit),
         )
 
 

@@ -1,0 +1,318 @@
+"""Memory benchmark: LoRA training of gpt-oss with the experts kept as MXFP4 on the GPU (issue "Memory").
+
+Builds gpt-oss-20b or gpt-oss-120b with random weights directly on the GPU in the shipped layout: the experts as
+MXFP4 blocks/scales (``Mxfp4Experts``, random codes at a scale that gives them a standard deviation of about 0.02),
+everything else in bf16. No bf16 copy of the experts is ever made, so the 120b (60 GB of MXFP4 experts, 230 GB in
+bf16) is built in memory on one card. LoRA r=8 / alpha 16 on attention and every expert (``apply_lora``), liger's
+fused linear cross-entropy, activation checkpointing, AdamW over the LoRA parameters, exactly as
+``train_step.py``'s osstune stack.
+
+Cells (``--cells``):
+
+- ``20b``: gpt-oss-20b, 1 x ``--length`` tokens, experts MXFP4-resident; then the same weights dequantised to dense
+  bf16 experts (``--expert_weights bf16``), same batch: peak memory and tokens/s of both, and their ratio.
+- ``120b``: gpt-oss-120b, 1 x ``--length`` tokens, experts MXFP4-resident.
+- ``maxctx``: gpt-oss-20b, experts MXFP4-resident, one sequence of each of ``--context-lengths`` (ascending) under
+  an allocator capped at ``--memory-cap-gib`` (``torch.cuda.set_per_process_memory_fraction``), one step each,
+  until one runs out of memory: the longest that trains.
+
+Every cell reports peak allocated GiB (weights included) and a breakdown: expert weights, other weights, LoRA
+parameters + gradients + AdamW state, and the rest (activations, workspace, scratch). With OUT set everything goes
+to ``$OUT/memory.json``. ``--tiny`` runs the same on the CPU with a small config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GptOssConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import (  # noqa: E402 - the benchmark's own helpers, next to this file
+    Options,
+    Setup,
+    fixed_scenario,
+    linear_cross_entropy,
+    make_setup,
+    measure,
+)
+
+from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE  # noqa: E402
+from osstune.models.gpt_oss.mxfp4_experts import EXPERT_STACKS, Mxfp4Experts  # noqa: E402
+from osstune.models.loading import resolve_attn_impl  # noqa: E402
+from osstune.models.lora import LoraSpec, apply_lora  # noqa: E402
+
+RANDOM_SCALE_BYTE = 120
+"""E8M0 scale of the random expert codes: uniform E2M1 codes have a standard deviation of 2.93, times 2**-7."""
+
+
+@dataclass
+class MemoryCell:
+    """One measured configuration.
+
+    Args:
+        name: what ran, e.g. ``20b mxfp4 1x4096``.
+        status: ``ok``, ``OOM`` or ``error: ...``.
+        tokens: tokens per step.
+        step_s: the median step, seconds.
+        tokens_per_s: tokens per second at the median step.
+        peak_gib: peak allocated GiB over the cell, weights included.
+        breakdown_gib: expert weights, other weights, LoRA state (parameters, gradients, AdamW moments) and the
+            rest of the peak.
+        loss: first and last step's loss.
+    """
+
+    name: str
+    status: str
+    tokens: int
+    step_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_gib: float | None = None
+    breakdown_gib: dict[str, float] = field(default_factory=dict)
+    loss: tuple[float | None, float | None] = (None, None)
+
+
+def gpt_oss_120b(config: GptOssConfig) -> GptOssConfig:
+    """The gpt-oss-120b architecture: the 20b's with 36 layers and 128 experts.
+
+    Args:
+        config: the gpt-oss-20b config of ``train_step.make_setup``.
+    """
+    layer_types = ["sliding_attention" if index % 2 == 0 else "full_attention" for index in range(36)]
+    return GptOssConfig(**{**config.to_dict(), "num_hidden_layers": 36, "num_local_experts": 128,
+                           "layer_types": layer_types})
+
+
+def build_mxfp4_model(config: GptOssConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    """gpt-oss with random weights built on ``device``: MXFP4-resident experts, everything else in ``dtype``.
+
+    The model is created on the meta device; each layer's experts get random uint8 codes and the scale byte
+    ``RANDOM_SCALE_BYTE``, zero biases; norms start at one, other biases at zero, every other weight from
+    N(0, 0.02). The rotary embedding is rebuilt from the config.
+
+    Args:
+        config: the architecture.
+        device: where the weights go.
+        dtype: dtype of the non-expert weights and of the experts' computation.
+        seed: seed of the random weights.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    widths = {"gate_up_proj": (config.hidden_size, 2 * config.intermediate_size),
+              "down_proj": (config.intermediate_size, config.hidden_size)}
+    for layer in model.model.layers:
+        blocks, scales, biases = {}, {}, {}
+        for name, (in_width, out_width) in widths.items():
+            shape = (config.num_local_experts, out_width, in_width // BLOCK_SIZE)
+            blocks[name] = torch.randint(0, 256, (*shape, BLOCK_SIZE // 2), generator=generator, device=device,
+                                         dtype=torch.uint8)
+            scales[name] = torch.full(shape, RANDOM_SCALE_BYTE, dtype=torch.uint8, device=device)
+            biases[name] = torch.zeros(config.num_local_experts, out_width, dtype=dtype, device=device)
+        layer.mlp.experts = Mxfp4Experts(config, blocks, scales, biases, dtype)
+    for name, param in list(model.named_parameters()):
+        if not param.is_meta:
+            continue
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            value.fill_(1.0)
+        elif name.endswith("bias"):
+            value.zero_()
+        else:
+            value.normal_(0.0, 0.02, generator=generator)
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    model.activation_checkpointing_enable()
+    return model.train()
+
+
+def densify_experts(model: Any) -> None:
+    """Replace every ``Mxfp4Experts`` by dense ``GptOssExperts`` holding its dequantised weights (same function).
+
+    Args:
+        model: a model from ``build_mxfp4_model`` (unwrapped).
+    """
+    for layer in model.model.layers:
+        packed = layer.mlp.experts
+        gate_up, down = packed.weight_stacks()
+        with torch.device("meta"):
+            dense = GptOssExperts(model.config)
+        for name, stack in zip(EXPERT_STACKS, (gate_up, down)):
+            dense._parameters[name] = nn.Parameter(stack.dequantize(), requires_grad=False)
+            bias = getattr(packed, f"{name}_bias").detach()
+            dense._parameters[f"{name}_bias"] = nn.Parameter(bias, requires_grad=False)
+        layer.mlp.experts = dense.train()
+        del packed, gate_up, down
+
+
+def breakdown(model: Any, peak_gib: float | None) -> dict[str, float]:
+    """Where the peak goes: expert weights, other weights, LoRA state, and the rest.
+
+    Args:
+        model: the PEFT-wrapped model.
+        peak_gib: the cell's peak.
+    """
+    experts = other = lora = 0
+    for module in model.modules():
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is None:
+                continue
+            size = tensor.untyped_storage().nbytes() if tensor.numel() else 0
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+                lora += 4 * size  # parameter, gradient, two AdamW moments (all in the parameter's dtype)
+            elif isinstance(module, (Mxfp4Experts, GptOssExperts)):
+                experts += size
+            else:
+                other += size
+    parts = {"expert weights": experts / 2**30, "other weights": other / 2**30, "LoRA + grads + AdamW": lora / 2**30}
+    if peak_gib is not None:
+        parts["activations, workspace, scratch"] = peak_gib - sum(parts.values())
+    return {key: round(value, 2) for key, value in parts.items()}
+
+
+def run_cell(name: str, model: Any, setup: Setup, length: int, options: Options, seed: int) -> MemoryCell:
+    """Wrap ``model`` with osstune's LoRA, train one 1 x ``length`` batch for the timed steps, unwrap it.
+
+    Args:
+        name: the cell's label.
+        model: the base model (unwrapped).
+        setup: sizes and device (its config is the model's).
+        length: tokens of the single sequence.
+        options: step counts.
+        seed: seed of the token ids.
+    """
+    model.set_attn_implementation(resolve_attn_impl(None, gpt_oss=True, device=setup.device))
+    peft_model = apply_lora(model, LoraSpec(rank=8, alpha=16, dropout=0.0))
+    scenario = fixed_scenario(1, length, setup, torch.Generator().manual_seed(seed))
+    linear_ce, _ = linear_cross_entropy(setup.device.type != "cuda", True)
+    cell = measure(peft_model, name, scenario, True, linear_ce, "", setup, options)
+    result = MemoryCell(name, cell.status, cell.tokens, cell.median_step_s, cell.tokens_per_s, cell.peak_gib,
+                        breakdown(peft_model, cell.peak_gib), (cell.first_loss, cell.loss))
+    peft_model.unload()
+    del peft_model
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def report(cell: MemoryCell, cells: list[MemoryCell], out_dir: str | None) -> None:
+    """Print a cell's line and save everything so far.
+
+    Args:
+        cell: the new cell.
+        cells: every cell, the new one included.
+        out_dir: the OUT folder, or None.
+    """
+    rate = f"{cell.tokens_per_s:,.0f}" if cell.tokens_per_s else "-"
+    peak = f"{cell.peak_gib:.2f}" if cell.peak_gib is not None else "-"
+    print(f"| {cell.name} | {cell.status} | {cell.tokens:,} | {rate} | {peak} | "
+          f"{', '.join(f'{key} {value}' for key, value in cell.breakdown_gib.items())} |", flush=True)
+    if out_dir:
+        path = Path(out_dir) / "memory.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(item) for item in cells], indent=2) + "\n", encoding="utf-8")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, to check the harness")
+    parser.add_argument("--cells", default="20b,120b,maxctx", help="comma-separated, from 20b, 120b, maxctx")
+    parser.add_argument("--length", type=int, default=4096, help="tokens of the 20b / 120b cells' sequence")
+    parser.add_argument("--context-lengths", default="65536,131072",
+                        help="sequence lengths the maxctx cell tries, ascending")
+    parser.add_argument("--memory-cap-gib", type=float, default=80.0, help="allocator cap of the maxctx cell")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per cell (maxctx: none)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per cell (maxctx: one)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen cells and print a markdown table.
+
+    Args:
+        argv: command-line arguments (None: ``sys.argv[1:]``).
+    """
+    args = parse_args(argv)
+    cells_wanted = [name.strip() for name in args.cells.split(",") if name.strip()]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch._dynamo.config.recompile_limit = 64
+    setup = make_setup(args.tiny, 4)
+    length = 128 if args.tiny else args.length
+    options = Options(args.warmup, args.steps, 120.0)
+    out_dir = os.environ.get("OUT")
+    cells: list[MemoryCell] = []
+    print("| cell | status | tokens | tokens/s | peak GiB | breakdown GiB |\n|---|---|---:|---:|---:|---|", flush=True)
+
+    def done(cell: MemoryCell) -> None:
+        cells.append(cell)
+        report(cell, cells, out_dir)
+
+    if "20b" in cells_wanted:
+        started = time.perf_counter()
+        model = build_mxfp4_model(setup.config, setup.device, setup.dtype, args.seed)
+        print(f"20b built in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+        packed = run_cell(f"20b mxfp4 1x{length}", model, setup, length, options, args.seed)
+        done(packed)
+        densify_experts(model)
+        dense = run_cell(f"20b bf16 1x{length}", model, setup, length, options, args.seed)
+        done(dense)
+        if packed.tokens_per_s and dense.tokens_per_s:
+            print(f"ratio mxfp4/bf16 tokens/s 1x{length}: {packed.tokens_per_s / dense.tokens_per_s:.2f}")
+        del model
+        gc.collect()
+    if "120b" in cells_wanted:
+        config = setup.config if args.tiny else gpt_oss_120b(setup.config)
+        big = replace(setup, config=config)
+        started = time.perf_counter()
+        model = build_mxfp4_model(config, setup.device, setup.dtype, args.seed)
+        print(f"120b built in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+        done(run_cell(f"120b mxfp4 1x{length}", model, big, length, options, args.seed))
+        del model
+        gc.collect()
+    if "maxctx" in cells_wanted:
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(setup.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), setup.device)
+        model = build_mxfp4_model(setup.config, setup.device, setup.dtype, args.seed)
+        lengths = [int(item) for item in args.context_lengths.split(",")]
+        if args.tiny:
+            lengths = [256, 512]
+        best = None
+        for context in lengths:
+            cell = run_cell(f"20b mxfp4 max context 1x{context} (cap {args.memory_cap_gib:g} GiB)", model, setup,
+                            context, Options(0, 1, 1e9), args.seed)
+            done(cell)
+            if cell.status != "ok":
+                break
+            best = context
+        print(f"max context under {args.memory_cap_gib:g} GiB: {best if best else 'none of the lengths'}")
+    return 1 if any(cell.status.startswith("error") for cell in cells) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

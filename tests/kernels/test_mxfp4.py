@@ -1,0 +1,110 @@
+"""The Triton MXFP4 dequantisation kernel (in Triton's interpreter) is bit-identical to ``dequantize_mxfp4``."""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import pytest
+import torch
+
+from osstune.models.gpt_oss.mxfp4 import E2M1_VALUES, dequantize_mxfp4
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy, float16 inf
+
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+DTYPES = list(BITS)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers: equality then means bit-identical (signed zeros, inf, NaN)."""
+    return tensor.view(BITS[tensor.dtype])
+
+
+def every_byte_and_scale() -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert of 256 rows (row r has scale byte r) whose 16 blocks hold the code bytes 0..255 in order."""
+    blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 256, 16, 16).contiguous()
+    scales = torch.arange(256, dtype=torch.uint8).reshape(1, 256, 1).expand(1, 256, 16).contiguous()
+    return blocks, scales
+
+
+def random_codes(experts: int, rows: int, groups: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random blocks and scales, every byte value possible."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (experts, rows, groups, 16), generator=generator, dtype=torch.uint8)
+    scales = torch.randint(0, 256, (experts, rows, groups), generator=generator, dtype=torch.uint8)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_code_byte_and_scale_byte_matches_the_reference(mxfp4_kernels: ModuleType, dtype: torch.dtype):
+    # bfloat16 runs in the interpreter too: the kernel stores bit patterns through an int16 view.
+    blocks, scales = every_byte_and_scale()
+    out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype)
+    expected = dequantize_mxfp4(blocks, scales, dtype)
+    assert out.shape == expected.shape == (1, 512, 256) and out.dtype == dtype
+    assert torch.equal(bits(out), bits(expected))
+    assert torch.isinf(out).any() and (out == 0).any()  # the table reaches overflow and underflow
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_code_byte_and_scale_byte_is_the_exact_product(mxfp4_kernels: ModuleType, dtype: torch.dtype):
+    # Independent of torch.ldexp: E2M1 value * 2**(scale - 127) in float64, rounded to float32, then to dtype.
+    blocks, scales = every_byte_and_scale()
+    out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype)
+    exact = torch.tensor(
+        [[math.ldexp(E2M1_VALUES[(byte >> 4 * (col % 2)) & 15], scale - 127)
+          for scale in range(256)] for byte in range(256) for col in (0, 1)],
+        dtype=torch.float64,
+    )  # fmt: skip  # [column = 2 * byte + nibble, row = scale]
+    assert torch.equal(bits(out[0]), bits(exact.to(torch.float32).to(dtype)))
+    # Spot checks: scale 255 scales by 2**128 (0.5 -> 2**127, 1 -> inf, zero stays signed zero); scale 0 by 2**-127.
+    column_of = {value: 2 * code for code, value in enumerate(E2M1_VALUES[:8])}
+    if dtype != torch.float16:
+        assert out[0, column_of[0.5], 255].item() == 2.0**127
+        assert out[0, column_of[1.5], 0].item() == 1.5 * 2.0**-127
+    assert out[0, column_of[1.0], 255].item() == math.inf
+    assert out[0, 2 * 0x88, 255].item() == 0.0 and math.copysign(1.0, out[0, 2 * 0x88, 255].item()) == -1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("experts", "rows", "groups"), [(3, 130, 3), (2, 5, 1), (1, 257, 5)])
+def test_random_shapes_with_partial_tiles(
+    mxfp4_kernels: ModuleType, dtype: torch.dtype, experts: int, rows: int, groups: int
+):
+    # Tiles are 128 rows x 64 columns: these shapes leave partial tiles on both axes (odd group counts).
+    assert mxfp4_kernels.BLOCK_ROWS == 128 and mxfp4_kernels.BLOCK_COLS == 64
+    blocks, scales = random_codes(experts, rows, groups, seed=rows)
+    out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype)
+    assert out.shape == (experts, 32 * groups, rows) and out.is_contiguous()
+    assert torch.equal(bits(out), bits(dequantize_mxfp4(blocks, scales, dtype)))
+
+
+def test_writes_into_a_given_buffer_and_accepts_expert_slices(mxfp4_kernels: ModuleType):
+    blocks, scales = random_codes(4, 40, 2, seed=7)
+    buffer = torch.full((2, 64, 40), float("nan"), dtype=torch.bfloat16)
+    out = mxfp4_kernels.dequantize_mxfp4_triton(blocks[1:3], scales[1:3], torch.bfloat16, out=buffer)
+    assert out is buffer
+    assert torch.equal(bits(buffer), bits(dequantize_mxfp4(blocks, scales, torch.bfloat16)[1:3]))
+
+
+def test_empty_stacks(mxfp4_kernels: ModuleType):
+    for experts, rows in ((0, 8), (2, 0)):
+        blocks, scales = random_codes(experts, rows, 1, seed=0)
+        out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, torch.float16)
+        assert out.shape == (experts, 32, rows) and out.dtype == torch.float16
+
+
+def test_rejects_bad_arguments(mxfp4_kernels: ModuleType):
+    blocks, scales = random_codes(1, 4, 1, seed=0)
+    kernel = mxfp4_kernels.dequantize_mxfp4_triton
+    with pytest.raises(ValueError, match="must be uint8"):
+        kernel(blocks.to(torch.int16), scales, torch.float32)
+    with pytest.raises(ValueError, match="must be \\[E, rows, groups, 16\\]"):
+        kernel(blocks, scales[:, :3], torch.float32)
+    with pytest.raises(ValueError, match="writes"):
+        kernel(blocks, scales, torch.float64)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernel(blocks, scales, torch.float32, out=torch.empty(1, 4, 32).transpose(1, 2))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernel(blocks, scales, torch.float32, out=torch.empty(1, 32, 4, dtype=torch.float16))
