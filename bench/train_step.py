@@ -55,6 +55,8 @@ from transformers import AutoModelForCausalLM, GptOssConfig
 
 from osstune.chat.options import IGNORE_INDEX
 from osstune.models.gpt_oss.moe_lora import expert_target_parameters
+from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from osstune.models.gpt_oss.mxfp4_experts import EXPERT_STACKS, Mxfp4Experts
 from osstune.models.loading import resolve_attn_impl
 from osstune.models.lora import LoraSpec, apply_lora, trainable_summary
 from osstune.train.collator import (
@@ -67,9 +69,11 @@ from osstune.train.collator import (
 STACKS: tuple[str, ...] = ("seed", "hf_best", "osstune")
 """The stacks, in the order they run."""
 
-VARIANTS: tuple[str, ...] = ("nockpt", "compile_moe", "compile_layer")
+VARIANTS: tuple[str, ...] = ("nockpt", "compile_moe", "compile_layer", "mxfp4")
 """Extra osstune rows (``--osstune-variants``): ``nockpt`` = no activation checkpointing; ``compile_moe`` /
-``compile_layer`` = ``torch.compile`` of each decoder layer's MoE block / whole decoder layer."""
+``compile_layer`` = ``torch.compile`` of each decoder layer's MoE block / whole decoder layer; ``mxfp4`` = the
+experts kept as MXFP4 blocks/scales on the device (``--expert_weights mxfp4``), the bf16 stacks parked in host RAM
+meanwhile. Several can be joined with ``+``, e.g. ``mxfp4+nockpt``."""
 
 SCENARIOS: tuple[str, ...] = ("fixed", "mix", "long")
 """Scenario kinds: the short fixed batch, the real-length mix, the single long sequence."""
@@ -226,8 +230,9 @@ def make_setup(tiny: bool, pad_batch: int) -> Setup:
 def build_model(setup: Setup) -> Any:
     """gpt-oss from ``setup.config`` with random weights, created directly on ``setup.device``, in training mode.
 
-    Activation checkpointing (non-reentrant) is switched on; attention and experts implementations are set per
-    stack later.
+    The expert weights are rounded to MXFP4 values (``round_experts_to_mxfp4``), as gpt-oss ships them, so the
+    ``mxfp4`` variant computes the same function. Activation checkpointing (non-reentrant) is switched on;
+    attention and experts implementations are set per stack later.
 
     Args:
         setup: the run's setup.
@@ -235,6 +240,7 @@ def build_model(setup: Setup) -> Any:
     with setup.device:
         model = AutoModelForCausalLM.from_config(setup.config, dtype=setup.dtype, attn_implementation="eager")
     model.activation_checkpointing_enable()
+    round_experts_to_mxfp4(model)
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
     return model.train()
@@ -626,17 +632,66 @@ def wrap(stack: str, model: Any, setup: Setup, loss_label: str) -> tuple[PeftMod
                         f"(X@A)@B; {loss_label}")
 
 
-def compile_layers(model: Any, variant: str) -> str:
+def park_dense_experts(model: Any) -> list[Any]:
+    """Give every layer MXFP4-resident experts (``Mxfp4Experts``) encoding its dense experts, which go to host RAM.
+
+    ``build_model`` already rounded the dense experts to MXFP4 values, so the function does not change.
+
+    Args:
+        model: the base model (unwrapped).
+
+    Returns:
+        The dense expert modules, in layer order, for ``restore_dense_experts``.
+    """
+    parked = []
+    for layer in model.model.layers:
+        dense = layer.mlp.experts
+        blocks, scales = {}, {}
+        for name in EXPERT_STACKS:
+            blocks[name], scales[name] = quantize_mxfp4(getattr(dense, name).detach())
+        biases = {name: getattr(dense, f"{name}_bias").detach() for name in EXPERT_STACKS}
+        layer.mlp.experts = Mxfp4Experts(model.config, blocks, scales, biases, dense.gate_up_proj.dtype).train()
+        parked.append(dense.to("cpu"))
+    return parked
+
+
+def restore_dense_experts(model: Any, parked: Sequence[Any]) -> None:
+    """Undo ``park_dense_experts``: the dense experts come back to the device.
+
+    Args:
+        model: the base model (unwrapped).
+        parked: what ``park_dense_experts`` returned (nothing happens when empty).
+    """
+    device = model.model.embed_tokens.weight.device
+    for layer, dense in zip(model.model.layers, parked):
+        layer.mlp.experts = dense.to(device)
+
+
+def round_experts_to_mxfp4(model: Any) -> None:
+    """Replace every dense expert weight by its MXFP4 encoding's value, in place, as a shipped checkpoint holds.
+
+    Args:
+        model: the base model (unwrapped).
+    """
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in EXPERT_STACKS:
+                weight = getattr(layer.mlp.experts, name)
+                weight.copy_(dequantize_mxfp4(*quantize_mxfp4(weight), weight.dtype))
+
+
+def compile_layers(model: Any, options_on: set[str]) -> str:
     """``torch.compile`` the forward of each decoder layer (``compile_layer``) or of its MoE block (``compile_moe``).
 
     Args:
         model: the base model (its modules are shared with the PEFT wrapper).
-        variant: the osstune variant; others compile nothing.
+        options_on: the osstune variant's options; without a compile option nothing is compiled.
 
     Returns:
         What was compiled, for the notes (empty when nothing was).
     """
-    if variant not in ("compile_moe", "compile_layer"):
+    variant = next((name for name in ("compile_moe", "compile_layer") if name in options_on), None)
+    if variant is None:
         return ""
     layers = model.model.layers
     targets = [layer.mlp for layer in layers] if variant == "compile_moe" else list(layers)
@@ -683,7 +738,8 @@ def run_stack(
     """
     linear_ce, loss_label = (None, "HF loss") if stack == "seed" else fused
     base_stack, _, variant = stack.partition("[")
-    variant = variant.rstrip("]")
+    options_on = set(variant.rstrip("]").split("+")) - {""}
+    parked = park_dense_experts(model) if "mxfp4" in options_on else []
     try:
         peft_model, pieces = wrap(base_stack, model, setup, loss_label)
     except Exception as exc:  # noqa: BLE001 - the other stacks still run; the traceback goes to stderr
@@ -691,13 +747,16 @@ def run_stack(
         status = f"error: wrapping failed: {exc.__class__.__name__}"
         for scenario in scenarios:
             report(Cell(stack, scenario.name, status, scenario.tokens, 0, notes=str(exc).replace("|", "/")[:200]))
+        restore_dense_experts(model, parked)
         return {"pieces": status, "trainable_params": 0}
-    if variant == "nockpt":
+    if parked:
+        pieces += "; experts MXFP4-resident"
+    if "nockpt" in options_on:
         model.activation_checkpointing_disable()
         pieces += "; no checkpointing"
     else:
         pieces += "; checkpointing"
-    compiled = compile_layers(model, variant)
+    compiled = compile_layers(model, options_on)
     if compiled:
         pieces += f"; {compiled}"
     trainable = sum(param.numel() for param in peft_model.parameters() if param.requires_grad)
@@ -712,8 +771,9 @@ def run_stack(
             report(measure(peft_model, stack, scenario, base_stack == "osstune", linear_ce, pieces, setup, options,
                            sink))
     finally:
-        if variant == "nockpt":
+        if "nockpt" in options_on:
             model.activation_checkpointing_enable()
+        restore_dense_experts(model, parked)
         for module in model.modules():
             if _is_compiled(module):
                 del module.forward
@@ -946,8 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = parse_args(argv)
     stacks = [name for name in STACKS if name in _csv(args.stacks, STACKS, "--stacks")]
-    if args.osstune_variants:
-        stacks += [f"osstune[{name}]" for name in _csv(args.osstune_variants, VARIANTS, "--osstune-variants")]
+    for variant in filter(None, (name.strip() for name in args.osstune_variants.split(","))):
+        _csv(variant.replace("+", ","), VARIANTS, "--osstune-variants")
+        stacks.append(f"osstune[{variant}]")
     kinds = _csv(args.scenarios, SCENARIOS, "--scenarios")
     from transformers.utils import logging as hf_logging
 
