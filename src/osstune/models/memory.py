@@ -8,6 +8,7 @@ and AdamW state, activations counted tensor by tensor for the configured checkpo
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,9 @@ class TrainingShape:
         checkpointing: activation checkpointing of the decoder layers (``--gradient_checkpointing``).
         attn_impl: ``eager`` materialises the attention probabilities; ``flex_attention`` and ``sdpa`` do not.
         fused_loss: liger's fused linear cross-entropy (``--use_liger_kernel``) never materialises the logits.
+        checkpointed_layers: with ``checkpointing``, the indices of the decoder layers checkpointed (None: every
+            layer); see :mod:`osstune.train.checkpointing`.
+        offload: the inputs of checkpointed layers are held in host RAM (``--offload_activations``).
     """
 
     micro_batch: int
@@ -239,6 +243,8 @@ class TrainingShape:
     checkpointing: bool
     attn_impl: str = "flex_attention"
     fused_loss: bool = False
+    checkpointed_layers: frozenset[int] | None = None
+    offload: bool = False
 
     @property
     def tokens(self) -> int:
@@ -256,8 +262,8 @@ class MemoryEstimate:
         lora: the trainable adapter parameters (float32).
         gradients: their gradients (float32).
         optimizer: AdamW's two float32 moments.
-        activations: tensors saved for the backward pass (with checkpointing: each layer's input plus one layer
-            recomputed), and eager attention's masks.
+        activations: tensors saved for the backward pass (a checkpointed layer keeps its input, on the device
+            unless offloaded, and one is recomputed at a time), and eager attention's masks.
         logits: the output logits at the loss (none with a fused loss).
     """
 
@@ -338,33 +344,89 @@ def estimate_training_memory(
 
 
 def activation_bytes(config: dict[str, Any], *, lora: LoraLayout, shape: TrainingShape, dtype_bytes: int) -> int:
-    """Bytes of activations one micro-step keeps for the backward pass, at their peak.
+    """Bytes of activations one micro-step keeps on the device for the backward pass, at their peak.
 
-    Without checkpointing every decoder layer keeps its saved tensors (:func:`layer_activation_bytes`); with it,
-    each layer keeps only its input (hidden size x dtype bytes per token) and one layer at a time is recomputed.
-    Both add the model's tail (final RMSNorm statistics, token ids, rotary tables) and, for eager attention, its two
-    ``[batch, seq, seq]`` masks (causal and sliding window).
+    A decoder layer that is not checkpointed keeps its saved tensors (:func:`layer_activation_bytes`); a
+    checkpointed one keeps only its input (hidden size x dtype bytes per token; nothing with ``shape.offload``), and
+    one checkpointed layer at a time is recomputed (see :func:`kept_activation_bytes`). Add the model's tail and
+    eager attention's masks (:func:`activation_overhead_bytes`).
 
     Args:
         config: the model's ``config.json``.
         lora: where LoRA sits.
-        shape: the micro-batch.
+        shape: the micro-batch and which layers are checkpointed.
+        dtype_bytes: bytes per element of the compute dtype.
+    """
+    full, inputs = layer_activation_sizes(config, lora=lora, shape=shape, dtype_bytes=dtype_bytes)
+    if not shape.checkpointing:
+        checkpointed: frozenset[int] = frozenset()
+    elif shape.checkpointed_layers is None:
+        checkpointed = frozenset(range(len(full)))
+    else:
+        checkpointed = shape.checkpointed_layers
+    return (kept_activation_bytes(full, inputs, checkpointed, offload=shape.offload)
+            + activation_overhead_bytes(config, shape=shape, dtype_bytes=dtype_bytes))
+
+
+def kept_activation_bytes(full: Sequence[int], inputs: Sequence[int], checkpointed: Collection[int], *,
+                          offload: bool) -> int:
+    """Peak device bytes the decoder layers keep for the backward pass, given which of them are checkpointed.
+
+    Every layer that is not checkpointed keeps all it saves; a checkpointed one keeps its input (unless offloaded to
+    host RAM), and while the backward pass recomputes one checkpointed layer, that layer's saved tensors exist
+    again: the largest such layer is counted once.
+
+    Args:
+        full: per layer, the bytes it saves for the micro-batch when not checkpointed.
+        inputs: per layer, the bytes of its input (what a checkpointed layer keeps).
+        checkpointed: indices of the checkpointed layers.
+        offload: the inputs of checkpointed layers live in host RAM.
+    """
+    kept = sum(size for index, size in enumerate(full) if index not in checkpointed)
+    if not checkpointed:
+        return kept
+    stored = 0 if offload else sum(inputs[index] for index in checkpointed)
+    return kept + stored + max(full[index] for index in checkpointed)
+
+
+def layer_activation_sizes(config: dict[str, Any], *, lora: LoraLayout, shape: TrainingShape,
+                           dtype_bytes: int) -> tuple[list[int], list[int]]:
+    """Per decoder layer, the bytes one micro-step saves for the backward pass: ``(full, inputs)``.
+
+    ``full[i]`` is what layer ``i`` saves when not checkpointed (:func:`layer_activation_bytes` times the tokens of
+    the micro-batch); ``inputs[i]`` is its input, all that it keeps when checkpointed.
+
+    Args:
+        config: the model's ``config.json``.
+        lora: where LoRA sits.
+        shape: the micro-batch (its checkpointing fields are not read).
         dtype_bytes: bytes per element of the compute dtype.
     """
     text = config.get("text_config") or config
     hidden = _size(text, "hidden_size", "n_embd", "d_model")
     layers = _size(text, "num_hidden_layers", "n_layer", "num_layers")
+    full = [shape.tokens * layer_activation_bytes(config, layer=i, lora=lora, seq_len=shape.seq_len,
+                                                  dtype_bytes=dtype_bytes, attn_impl=shape.attn_impl)
+            for i in range(layers)]
+    return full, [shape.tokens * hidden * dtype_bytes] * layers
+
+
+def activation_overhead_bytes(config: dict[str, Any], *, shape: TrainingShape, dtype_bytes: int) -> int:
+    """Activation bytes outside the decoder layers: the model's tail (final RMSNorm statistics, token ids, rotary
+    tables) and, for eager attention, its two ``[batch, seq, seq]`` masks (causal and sliding window).
+
+    Args:
+        config: the model's ``config.json``.
+        shape: the micro-batch.
+        dtype_bytes: bytes per element of the compute dtype.
+    """
+    text = config.get("text_config") or config
+    hidden = _size(text, "hidden_size", "n_embd", "d_model")
     heads = int(_first(text, "num_attention_heads", "n_head") or max(1, hidden // 64))
     head_dim = int(text.get("head_dim") or hidden // heads)
-    per_layer = [layer_activation_bytes(config, layer=i, lora=lora, seq_len=shape.seq_len, dtype_bytes=dtype_bytes,
-                                        attn_impl=shape.attn_impl) for i in range(layers)]
     tail = FP32_BYTES * hidden + FP32_BYTES + INDEX_BYTES + head_dim * dtype_bytes
-    if shape.checkpointing:
-        per_token = layers * hidden * dtype_bytes + max(per_layer) + tail
-    else:
-        per_token = sum(per_layer) + tail
     masks = 2 * shape.micro_batch * shape.seq_len ** 2 * dtype_bytes if shape.attn_impl == "eager" else 0
-    return shape.tokens * per_token + masks
+    return shape.tokens * tail + masks
 
 
 def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayout, seq_len: int, dtype_bytes: int,

@@ -4,12 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from osstune.config import DataArgs, flag
+from osstune.config import FALSE_WORDS, TRUE_WORDS, DataArgs, flag
+from osstune.errors import OsstuneError
 
 SWANLAB_MODES = ("local", "offline", "cloud", "disabled")
 REPORT_TO = ("swanlab", "tensorboard", "none")
 SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "warmup_stable_decay")
+CHECKPOINT_MODES = ("true", "false", "auto")
+"""Values of ``--gradient_checkpointing``: every decoder layer, none, or as few as the free memory requires."""
+
+
+def checkpoint_mode(value: object) -> str:
+    """The ``--gradient_checkpointing`` mode of a flag, YAML or Python value: ``true``, ``false`` or ``auto``.
+
+    Args:
+        value: ``auto``, or a boolean in any spelling ms-swift accepts (``true``/``false``, ``True``, ``1``/``0``,
+            ``yes``/``no``, ``on``/``off``, or a Python bool).
+
+    Raises:
+        OsstuneError: anything else.
+    """
+    text = str(value).strip().lower()
+    if text in CHECKPOINT_MODES:
+        return text
+    if text in TRUE_WORDS:
+        return "true"
+    if text in FALSE_WORDS:
+        return "false"
+    raise OsstuneError(f"--gradient_checkpointing {value}: expected true, false or auto.")
 
 
 @dataclass
@@ -67,7 +90,11 @@ class TrainArgs:
     lr_scheduler_kwargs: str | None = flag(None, "JSON object of schedule options, e.g. '{\"min_lr_rate\": 0.1}'.")
     warmup_ratio: float = flag(0.0, "Fraction of steps spent warming up.")
     warmup_steps: int = flag(0, "Warm-up steps (overrides --warmup_ratio when > 0).")
-    gradient_checkpointing: bool = flag(True, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: str = flag("true", "Recompute activations in the backward pass to save memory: true "
+                                       "(every decoder layer), false, or auto (only as many layers as the free GPU "
+                                       "memory requires; every layer on the CPU and under --deepspeed/--fsdp).")
+    offload_activations: bool = flag(False, "Keep the inputs that checkpointed layers save in pinned host RAM "
+                                     "instead of GPU memory (long sequences; each step copies them out and back).")
     logging_steps: int = flag(5, "Log every N optimizer steps.")
     eval_strategy: str | None = flag(None, "no, steps or epoch; default follows --save_strategy when there is a "
                                       "validation split.", choices=("no", "steps", "epoch"),
@@ -87,6 +114,9 @@ class TrainArgs:
     dry_run: bool = flag(False, "Print the per-GPU memory estimate, steps per epoch and effective batch size, then "
                          "exit without loading weights.")
     eval_generation_samples: int = flag(3, "Validation prompts answered and logged as text at each evaluation.")
+
+    def __post_init__(self) -> None:
+        self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 It reads ``config.json``, the tokenizer and the data (rendered and length-filtered as training would), builds the
 model and its LoRA adapter on the meta device (shapes only) to count parameters exactly, and prints the effective
-batch size, steps per epoch and the per-GPU memory estimate of :func:`osstune.models.memory.estimate_training_memory`
-for the configured engine (DDP, ZeRO-2/3, FSDP2) and world size (``NPROC_PER_NODE`` x ``NNODES``).
+batch size, steps per epoch, the activation checkpointing plan (:mod:`osstune.train.checkpointing`; ``auto`` plans
+against this machine's first GPU, before anything is loaded) and the per-GPU memory estimate of
+:func:`osstune.models.memory.estimate_training_memory` for the configured engine (DDP, ZeRO-2/3, FSDP2) and world
+size (``NPROC_PER_NODE`` x ``NNODES``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +29,7 @@ from osstune.models.memory import (
     format_bytes,
 )
 from osstune.train.args import TrainArgs
+from osstune.train.checkpointing import SHARDED_AUTO_NOTE, CheckpointPlan, device_memory, plan_for_shape
 
 MLP_PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 """The linear layers of a dense gated MLP, by their usual module names."""
@@ -49,6 +53,7 @@ class DryRunPlan:
         effective_batch: rows per optimizer step over all processes.
         shape: the micro-batch the estimate assumes.
         seq_source: where ``shape.seq_len`` comes from (``--max_length`` or the longest sample).
+        checkpointing: which decoder layers are checkpointed (``shape`` follows it).
         memory: the per-GPU estimate.
     """
 
@@ -65,6 +70,7 @@ class DryRunPlan:
     effective_batch: int
     shape: TrainingShape
     seq_source: str
+    checkpointing: CheckpointPlan
     memory: MemoryEstimate
 
 
@@ -131,15 +137,37 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
     per_epoch = steps_per_epoch(rows, t.per_device_train_batch_size, world, t.gradient_accumulation_steps)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     attn = cfg.load.attn_impl or ("flex_attention" if is_gpt_oss(config) else "sdpa")
-    shape = TrainingShape(micro_batch=t.per_device_train_batch_size, seq_len=seq_len,
-                          checkpointing=t.gradient_checkpointing, attn_impl=attn, fused_loss=t.use_liger_kernel)
+    longest = TrainingShape(micro_batch=t.per_device_train_batch_size, seq_len=seq_len, checkpointing=True,
+                            attn_impl=attn, fused_loss=t.use_liger_kernel)
+    before = estimate_training_memory(config, dtype=dtype, counts=counts, lora=layout, shape=longest, engine=engine,
+                                      world_size=world)
+    if t.gradient_checkpointing == "auto" and engine != "ddp":
+        console.print(SHARDED_AUTO_NOTE)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    checkpointing = plan_for_shape(t.gradient_checkpointing, config=config, lora=layout, shape=longest,
+                                   dtype_bytes=dtype.itemsize,
+                                   memory=device_memory(device) if engine == "ddp" else None,
+                                   reserve_bytes=before.total - before.activations, offload=t.offload_activations)
+    shape = shape_for(longest, checkpointing)
     memory = estimate_training_memory(config, dtype=dtype, counts=counts, lora=layout, shape=shape, engine=engine,
                                       world_size=world)
     return DryRunPlan(model_type=str(config.get("model_type", "unknown")), dtype=dtype, counts=counts, lora=layout,
                       engine=engine, world_size=world, train_rows=rows, grad_accum=t.gradient_accumulation_steps,
                       steps_per_epoch=per_epoch, total_steps=total,
                       effective_batch=t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
-                      shape=shape, seq_source=seq_source, memory=memory)
+                      shape=shape, seq_source=seq_source, checkpointing=checkpointing, memory=memory)
+
+
+def shape_for(shape: TrainingShape, plan: CheckpointPlan) -> TrainingShape:
+    """``shape`` with the checkpointed layers and offload of ``plan``.
+
+    Args:
+        shape: the micro-batch.
+        plan: see :func:`osstune.train.checkpointing.plan_checkpointing`.
+    """
+    every = plan.every_layer or not plan.checkpointed
+    return dataclasses.replace(shape, checkpointing=bool(plan.checkpointed), offload=plan.offload,
+                               checkpointed_layers=None if every else frozenset(plan.checkpointed))
 
 
 def steps_per_epoch(rows: int, per_device: int, world_size: int, grad_accum: int) -> int:
@@ -203,7 +231,6 @@ def count_model(config: Any, dtype: torch.dtype, spec: Any) -> tuple[ModelCounts
         dtype: the weights' dtype.
         spec: the :class:`~osstune.models.lora.LoraSpec`.
     """
-    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
     from transformers import AutoModelForCausalLM
 
     from osstune.models.lora import apply_lora
@@ -216,12 +243,25 @@ def count_model(config: Any, dtype: torch.dtype, spec: Any) -> tuple[ModelCounts
     model = apply_lora(base, spec, console=Console(quiet=True))
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ModelCounts(frozen=frozen, trainable=trainable, largest_unit=largest), lora_layout(model)
+
+
+def lora_layout(model: Any) -> LoraLayout:
+    """Where a PEFT model carries LoRA, as the activation estimate needs it (rank: the largest of its adapters).
+
+    Args:
+        model: the LoRA-wrapped model (on any device, the meta device included).
+    """
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    rank = 0
     attention: set[str] = set()
     experts: set[int] = set()
     router = mlp = False
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        rank = max([rank, *module.r.values()])
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, ParamWrapper):
             router = router or leaf == "router"
@@ -231,9 +271,8 @@ def count_model(config: Any, dtype: torch.dtype, spec: Any) -> tuple[ModelCounts
             attention.add(leaf)
         elif leaf in MLP_PROJECTIONS:
             mlp = True
-    layout = LoraLayout(rank=spec.rank, attention=tuple(p for p in ATTENTION_PROJECTIONS if p in attention),
-                        expert_layers=frozenset(experts), router=router, mlp=mlp)
-    return ModelCounts(frozen=frozen, trainable=trainable, largest_unit=largest), layout
+    return LoraLayout(rank=rank, attention=tuple(p for p in ATTENTION_PROJECTIONS if p in attention),
+                      expert_layers=frozenset(experts), router=router, mlp=mlp)
 
 
 def plan_tables(plan: DryRunPlan) -> list[Any]:
@@ -254,8 +293,8 @@ def plan_tables(plan: DryRunPlan) -> list[Any]:
     summary.add_row("training rows", f"{plan.train_rows:,}")
     summary.add_row("steps per epoch", f"{plan.steps_per_epoch:,}")
     summary.add_row("total steps", f"{plan.total_steps:,}")
-    summary.add_row("sequence", f"{plan.shape.seq_len:,} tokens ({plan.seq_source}); attention {plan.shape.attn_impl}; "
-                                f"checkpointing {'on' if plan.shape.checkpointing else 'off'}")
+    summary.add_row("sequence", f"{plan.shape.seq_len:,} tokens ({plan.seq_source}); attention {plan.shape.attn_impl}")
+    summary.add_row("checkpointing", plan.checkpointing.describe().removeprefix("checkpointing "))
     memory = Table(title="per-GPU memory estimate")
     memory.add_column("component")
     memory.add_column("memory", justify="right")

@@ -17,7 +17,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -39,6 +39,9 @@ from osstune.train.launch import (
     torchrun_command,
 )
 from osstune.train.run_dir import redact, write_json_atomic
+
+if TYPE_CHECKING:
+    from osstune.train.checkpointing import CheckpointPlan
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 
@@ -138,6 +141,9 @@ def _check_flags(cfg: SftConfig, world_size: int = 1) -> None:
         raise OsstuneError("--dataset is required: give one or more files, folders or dataset names.")
     if cfg.train.fsdp and cfg.train.deepspeed:
         raise OsstuneError("--fsdp and --deepspeed are two ways to shard training; choose one.")
+    from osstune.train.checkpointing import check_offload
+
+    check_offload(cfg.train.gradient_checkpointing, cfg.train.offload_activations)
     if fsdp_config(cfg.train.fsdp) is not None:
         _check_fsdp(world_size)
     _check_deepspeed(cfg.train.deepspeed)
@@ -345,11 +351,23 @@ def _liger_notice(training: TrainArgs, console: Console, cuda: bool) -> bool:
     return True
 
 
+def sharded_engine(training: TrainArgs) -> bool:
+    """Whether DeepSpeed or FSDP runs the training. They wrap the model and allocate their buffers inside the
+    Trainer, so activation checkpointing is then the Trainer's own: every decoder layer (``auto`` included).
+
+    Args:
+        training: the training flags (``--deepspeed``, ``--fsdp``).
+    """
+    return bool(training.deepspeed) or fsdp_config(training.fsdp) is not None
+
+
 def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, use_liger: bool, bf16: bool) -> Any:
     """The ``transformers.TrainingArguments`` for a run (checkpoint rotation is osstune's, not HF's).
 
     Several processes without CUDA train on the CPU with gloo (``use_cpu``); accelerate would otherwise run each
-    process on its own.
+    process on its own. The Trainer checkpoints activations itself only under DeepSpeed/FSDP (see
+    :func:`sharded_engine`); otherwise :func:`fit` applies osstune's plan and the Trainer's flag stays off, so no
+    layer is wrapped twice.
     """
     import torch
     from transformers import TrainingArguments
@@ -385,8 +403,9 @@ def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, u
         bf16=bf16,
         use_liger_kernel=use_liger,
         deepspeed=_deepspeed_config(t.deepspeed),
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=sharded_engine(t) and t.gradient_checkpointing != "false",
+        activation_checkpointing_kwargs={"use_reentrant": False,
+                                         **({"offload": True} if t.offload_activations else {})},
         **_fsdp_arguments(t.fsdp),
         use_cpu=rank_info().distributed and not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward
@@ -506,8 +525,14 @@ def fit(
     use_liger = _liger_notice(training, console, cuda)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     targs = training_arguments(training, data_args.seed, run_dir, data.val is not None, use_liger, bf16)
-    if training.gradient_checkpointing:
+    plan = checkpoint_plan(model, data, training, data_args, fused_loss=use_liger, console=console)
+    if not sharded_engine(training):
+        from osstune.train.checkpointing import apply_checkpointing
+
+        apply_checkpointing(model, plan)
+    if plan.checkpointed:
         model.enable_input_require_grads()
+    console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
 
     trackers = make_trackers(tracking.report_to, run_dir, project=tracking.swanlab_project,
                              experiment=tracking.swanlab_exp_name or run_dir.name, mode=tracking.swanlab_mode,
@@ -554,6 +579,45 @@ def fit(
         for line in summary_lines(run_dir):
             console.print(line)
     return TrainResult(run_dir, last, exit_code, trainer.state.global_step)
+
+
+def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDataArgs, *, fused_loss: bool,
+                    console: Console) -> CheckpointPlan:
+    """The activation checkpointing plan of a run (:class:`~osstune.train.checkpointing.CheckpointPlan`) for
+    ``--gradient_checkpointing`` and ``--offload_activations``, sized for the longest micro-batch of ``data``.
+
+    ``auto`` measures the free memory of the device the model sits on, now that its weights and adapter are there,
+    and reserves the LoRA gradients, AdamW state and logits still to come; on the CPU and under DeepSpeed/FSDP
+    (printing why) it checkpoints every layer.
+
+    Args:
+        model: the PEFT model, on its training device.
+        data: the :class:`~osstune.data.pipeline.PreparedDataset`.
+        training: the training flags.
+        data_args: ``--packing`` and ``--max_length``.
+        fused_loss: the loss never materialises the logits (liger).
+        console: where the fallback under DeepSpeed/FSDP is explained.
+    """
+    from osstune.models.memory import ModelCounts, TrainingShape, estimate_training_memory
+    from osstune.train.checkpointing import SHARDED_AUTO_NOTE, device_memory, plan_for_shape
+    from osstune.train.dry_run import lora_layout
+
+    weight = model.get_input_embeddings().weight
+    config = model.config.to_dict()
+    seq_len = data_args.max_length if data_args.packing else max(len(ids) for ids in data.train.input_ids)
+    shape = TrainingShape(micro_batch=training.per_device_train_batch_size, seq_len=seq_len, checkpointing=True,
+                          attn_impl=model.config._attn_implementation or "eager", fused_loss=fused_loss)
+    layout = lora_layout(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    coming = estimate_training_memory(config, dtype=weight.dtype, lora=layout, shape=shape,
+                                      counts=ModelCounts(frozen=0, trainable=trainable, largest_unit=0))
+    sharded = sharded_engine(training)
+    if sharded and training.gradient_checkpointing == "auto":
+        console.print(SHARDED_AUTO_NOTE, markup=False, highlight=False, soft_wrap=True)
+    return plan_for_shape(training.gradient_checkpointing, config=config, lora=layout, shape=shape,
+                          dtype_bytes=weight.dtype.itemsize, memory=None if sharded else device_memory(weight.device),
+                          reserve_bytes=coming.gradients + coming.optimizer + coming.logits,
+                          offload=training.offload_activations)
 
 
 def batching(model: Any, tokenizer: Any, data: Any, data_args: SftDataArgs) -> tuple[Any, Any, Any]:
