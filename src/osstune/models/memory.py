@@ -434,18 +434,18 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     """Bytes per token that one decoder layer saves for the backward pass, counted tensor by tensor.
 
     Frozen projections save nothing about their input (only trained weights need it); each LoRA projection saves
-    its input and its rank-r intermediate. Under a float32 adapter and a 16-bit model, every LoRA projection
-    casts the shared input, so each keeps its own copy. Per token, with b bytes per element, H hidden, r rank:
+    its input and its rank-r intermediate; projections that share an input share the saved tensor (osstune runs
+    the update in the input's dtype, ``lora_linear``). Per token, with b bytes per element, H hidden, r rank:
 
     - attention: RMSNorm ``4H + 4`` (float32 input and statistic); LoRA inputs and ``r * b`` intermediates;
       eager: query, repeated keys and values ``3 * heads * head_dim * b``, int64 max indices per head and the
       probabilities ``heads * (seq + 1) * b``; flex/sdpa: query, keys, values, output and per-head log-sum-exp;
     - gpt-oss experts, per routed (token, expert) pair (K per token): two int64 indices, the routing weight,
-      the gate/up output ``2I * b``, four ``I``-wide activation intermediates, the expert output twice ``2H * b``,
+      the gate/up output ``2I * b`` (all the fused clamp-SwiGLU keeps), the expert output twice ``2H * b``,
       plus, with expert LoRA, the expert input ``H * b``, the activation ``I * b`` and two intermediates; the
       router's top-k indices and weights;
     - dense gated MLP (other models): gate output, its activation and the up output ``3I * b``, plus, with LoRA,
-      the gate/up input (a copy each under a cast), the down input ``I * b`` and three intermediates.
+      the shared gate/up input, the down input ``I * b`` and three intermediates.
 
     Args:
         config: the model's ``config.json``.
@@ -464,8 +464,7 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
     norm = FP32_BYTES * hidden + FP32_BYTES
     qkv = [name for name in ("q_proj", "k_proj", "v_proj") if name in lora.attention]
-    copies = len(qkv) if b != ADAPTER_BYTES else min(len(qkv), 1)
-    attention = norm + copies * hidden * b + len(lora.attention) * r * b
+    attention = norm + min(len(qkv), 1) * hidden * b + len(lora.attention) * r * b
     if "o_proj" in lora.attention:
         attention += q_width * b
     if attn_impl == "eager":
@@ -477,7 +476,7 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     inter = int(_first(text, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden)
     mlp = norm + 3 * inter * b
     if lora.mlp:
-        mlp += ((2 if b != ADAPTER_BYTES else 1) * hidden + inter) * b + 3 * r * b
+        mlp += (hidden + inter) * b + 3 * r * b
     return attention + mlp
 
 
@@ -487,7 +486,7 @@ def _experts_bytes(config: dict[str, Any], expert_lora: bool, router_lora: bool,
     inter = _size(config, "intermediate_size")
     top_k = _size(config, "num_experts_per_tok", "experts_per_token")
     router = top_k * (INDEX_BYTES + b) + ((hidden + rank) * b if router_lora else 0)
-    pair = 2 * INDEX_BYTES + b + 2 * inter * b + 4 * inter * b + 2 * hidden * b
+    pair = 2 * INDEX_BYTES + b + 2 * inter * b + 2 * hidden * b
     if expert_lora:
         pair += (hidden + inter) * b + 2 * rank * b
     return router + top_k * pair
