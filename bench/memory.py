@@ -9,10 +9,12 @@ fused linear cross-entropy, activation checkpointing, AdamW over the LoRA parame
 
 Cells (``--cells``):
 
-- ``20b``: gpt-oss-20b, 1 x ``--length`` tokens, experts MXFP4-resident; then the same weights dequantised to dense
-  bf16 experts (``--expert_weights bf16``), same batch: peak memory and tokens/s of both, and their ratio.
-- ``120b``: gpt-oss-120b, 1 x ``--length`` tokens, experts MXFP4-resident.
-- ``maxctx``: gpt-oss-20b, experts MXFP4-resident, one sequence of each of ``--context-lengths`` (ascending) under
+- ``20b``: gpt-oss-20b, 1 x ``--length`` tokens, experts MXFP4-resident (whole layer dequantised at once, every
+  layer checkpointed), then the lean setting (4 experts dequantised at a time, checkpointed inputs in host RAM);
+  then the same weights dequantised to dense bf16 experts (``--expert_weights bf16``), same batch: peak memory and
+  tokens/s of each, and the ratios to bf16.
+- ``120b``: gpt-oss-120b, 1 x ``--length`` tokens, experts MXFP4-resident, both settings.
+- ``maxctx``: gpt-oss-20b, experts MXFP4-resident, lean setting, one sequence of each of ``--context-lengths`` (ascending) under
   an allocator capped at ``--memory-cap-gib`` (``torch.cuda.set_per_process_memory_fraction``), one step each,
   until one runs out of memory: the longest that trains.
 
@@ -54,6 +56,10 @@ from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE  # noqa: E402
 from osstune.models.gpt_oss.mxfp4_experts import EXPERT_STACKS, Mxfp4Experts  # noqa: E402
 from osstune.models.loading import resolve_attn_impl  # noqa: E402
 from osstune.models.lora import LoraSpec, apply_lora  # noqa: E402
+from osstune.train.checkpointing import apply_checkpointing, plan_checkpointing  # noqa: E402
+
+LEAN_DENSE_EXPERTS = 4
+"""Experts dequantised at a time in the lean cells: a quarter of a 20b layer's scratch, a 32nd of the 120b's."""
 
 RANDOM_SCALE_BYTE = 120
 """E8M0 scale of the random expert codes: uniform E2M1 codes have a standard deviation of 2.93, times 2**-7."""
@@ -185,7 +191,8 @@ def breakdown(model: Any, peak_gib: float | None) -> dict[str, float]:
     return {key: round(value, 2) for key, value in parts.items()}
 
 
-def run_cell(name: str, model: Any, setup: Setup, length: int, options: Options, seed: int) -> MemoryCell:
+def run_cell(name: str, model: Any, setup: Setup, length: int, options: Options, seed: int,
+             lean: bool = False) -> MemoryCell:
     """Wrap ``model`` with osstune's LoRA, train one 1 x ``length`` batch for the timed steps, unwrap it.
 
     Args:
@@ -195,9 +202,19 @@ def run_cell(name: str, model: Any, setup: Setup, length: int, options: Options,
         length: tokens of the single sequence.
         options: step counts.
         seed: seed of the token ids.
+        lean: the memory-lean setting: MXFP4 experts dequantised ``LEAN_DENSE_EXPERTS`` at a time and every
+            layer checkpointed with its input in host RAM (``--offload_activations true``); otherwise the whole
+            layer's experts are dequantised at once and every layer is checkpointed on the device.
     """
     model.set_attn_implementation(resolve_attn_impl(None, gpt_oss=True, device=setup.device))
     peft_model = apply_lora(model, LoraSpec(rank=8, alpha=16, dropout=0.0))
+    layers = model.config.num_hidden_layers
+    plan = plan_checkpointing("true", num_layers=layers, free_bytes=None, layer_bytes_full=[0] * layers,
+                              layer_bytes_checkpointed=[0] * layers, reserve_bytes=0, offload=lean)
+    apply_checkpointing(peft_model, plan)
+    for module in model.modules():
+        if isinstance(module, Mxfp4Experts):
+            module.max_dense_experts = LEAN_DENSE_EXPERTS if lean else None
     scenario = fixed_scenario(1, length, setup, torch.Generator().manual_seed(seed))
     linear_ce, _ = linear_cross_entropy(setup.device.type != "cuda", True)
     cell = measure(peft_model, name, scenario, True, linear_ce, "", setup, options)
@@ -277,11 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"20b built in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
         packed = run_cell(f"20b mxfp4 1x{length}", model, setup, length, options, args.seed)
         done(packed)
+        lean = run_cell(f"20b mxfp4 lean 1x{length}", model, setup, length, options, args.seed, lean=True)
+        done(lean)
         densify_experts(model)
         dense = run_cell(f"20b bf16 1x{length}", model, setup, length, options, args.seed)
         done(dense)
-        if packed.tokens_per_s and dense.tokens_per_s:
-            print(f"ratio mxfp4/bf16 tokens/s 1x{length}: {packed.tokens_per_s / dense.tokens_per_s:.2f}")
+        for cell in (packed, lean):
+            if cell.tokens_per_s and dense.tokens_per_s:
+                print(f"ratio {cell.name} / bf16 tokens/s: {cell.tokens_per_s / dense.tokens_per_s:.2f}")
         del model
         gc.collect()
     if "120b" in cells_wanted:
@@ -291,21 +311,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_mxfp4_model(config, setup.device, setup.dtype, args.seed)
         print(f"120b built in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
         done(run_cell(f"120b mxfp4 1x{length}", model, big, length, options, args.seed))
+        done(run_cell(f"120b mxfp4 lean 1x{length}", model, big, length, options, args.seed, lean=True))
         del model
         gc.collect()
     if "maxctx" in cells_wanted:
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
             total = torch.cuda.get_device_properties(setup.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), setup.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total),
+                                                       torch.cuda.current_device())
         model = build_mxfp4_model(setup.config, setup.device, setup.dtype, args.seed)
         lengths = [int(item) for item in args.context_lengths.split(",")]
         if args.tiny:
             lengths = [256, 512]
         best = None
         for context in lengths:
-            cell = run_cell(f"20b mxfp4 max context 1x{context} (cap {args.memory_cap_gib:g} GiB)", model, setup,
-                            context, Options(0, 1, 1e9), args.seed)
+            cell = run_cell(f"20b mxfp4 lean max context 1x{context} (cap {args.memory_cap_gib:g} GiB)", model,
+                            setup, context, Options(0, 1, 1e9), args.seed, lean=True)
             done(cell)
             if cell.status != "ok":
                 break

@@ -69,11 +69,11 @@ from osstune.train.collator import (
 STACKS: tuple[str, ...] = ("seed", "hf_best", "osstune")
 """The stacks, in the order they run."""
 
-VARIANTS: tuple[str, ...] = ("nockpt", "compile_moe", "compile_layer", "mxfp4")
-"""Extra osstune rows (``--osstune-variants``): ``nockpt`` = no activation checkpointing; ``compile_moe`` /
-``compile_layer`` = ``torch.compile`` of each decoder layer's MoE block / whole decoder layer; ``mxfp4`` = the
-experts kept as MXFP4 blocks/scales on the device (``--expert_weights mxfp4``), the bf16 stacks parked in host RAM
-meanwhile. Several can be joined with ``+``, e.g. ``mxfp4+nockpt``."""
+VARIANTS: tuple[str, ...] = ("bf16", "ckptall", "nockpt", "compile_moe", "compile_layer")
+"""Extra osstune rows (``--osstune-variants``), each changing one thing of the ``osstune`` stack: ``bf16`` = dense
+bf16 experts instead of MXFP4-resident ones; ``ckptall`` / ``nockpt`` = every layer / no layer checkpointed instead
+of ``--gradient_checkpointing auto``; ``compile_moe`` / ``compile_layer`` = ``torch.compile`` of each decoder layer's
+MoE block / whole decoder layer. Several can be joined with ``+``, e.g. ``bf16+ckptall``."""
 
 SCENARIOS: tuple[str, ...] = ("fixed", "mix", "long")
 """Scenario kinds: the short fixed batch, the real-length mix, the single long sequence."""
@@ -632,6 +632,43 @@ def wrap(stack: str, model: Any, setup: Setup, loss_label: str) -> tuple[PeftMod
                         f"(X@A)@B; {loss_label}")
 
 
+def auto_checkpointing(model: PeftModel, scenario: Scenario, budget: float | None) -> str:
+    """Apply ``--gradient_checkpointing auto`` for the scenario's packed batch, planned against ``budget``.
+
+    The plan is osstune's own (``plan_checkpointing`` with the per-layer sizes of ``osstune.models.memory``); what
+    it may use is ``budget`` (else the device's free memory) minus what is allocated now, minus the LoRA gradients
+    and AdamW state still to come, the activations outside the layers and a headroom of
+    ``checkpointing.AUTO_HEADROOM`` of the budget.
+
+    Args:
+        model: the osstune stack's PEFT model, on CUDA.
+        scenario: the workload (its packed micro-batch sets the shape).
+        budget: peak bytes to plan for, or None.
+
+    Returns:
+        The plan's one-line description.
+    """
+    from osstune.models.memory import TrainingShape, activation_overhead_bytes, layer_activation_sizes
+    from osstune.train.checkpointing import AUTO_HEADROOM, apply_checkpointing, device_memory, plan_checkpointing
+    from osstune.train.dry_run import lora_layout
+
+    rows, length = scenario.packed[0]["input_ids"].shape
+    config = model.config.to_dict()
+    shape = TrainingShape(micro_batch=rows, seq_len=length, checkpointing=True, attn_impl="flex_attention",
+                          fused_loss=True)
+    full, inputs = layer_activation_sizes(config, lora=lora_layout(model), shape=shape, dtype_bytes=2)
+    device = next(model.parameters()).device
+    free, total = device_memory(device) or (0, 0)
+    limit = budget if budget is not None else torch.cuda.memory_allocated(device) + free
+    trainable = sum(param.numel() * param.element_size() for param in model.parameters() if param.requires_grad)
+    reserve = 3 * trainable + activation_overhead_bytes(config, shape=shape, dtype_bytes=2) + AUTO_HEADROOM * limit
+    plan = plan_checkpointing("auto", num_layers=len(full), free_bytes=int(limit - torch.cuda.memory_allocated(device)),
+                              layer_bytes_full=full, layer_bytes_checkpointed=inputs, reserve_bytes=int(reserve),
+                              offload=False, micro_batch=(rows, length))
+    apply_checkpointing(model, plan)
+    return plan.describe()
+
+
 def park_dense_experts(model: Any) -> list[Any]:
     """Give every layer MXFP4-resident experts (``Mxfp4Experts``) encoding its dense experts, which go to host RAM.
 
@@ -719,6 +756,7 @@ def run_stack(
     fused: tuple[LinearCrossEntropy | None, str],
     report: Callable[[Cell], None],
     profile_sink: Callable[[str], None] | None = None,
+    budgets: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Wrap the model for one stack, measure it on every scenario, and unwrap it again.
 
@@ -732,14 +770,17 @@ def run_stack(
             ``linear_cross_entropy``).
         report: called with each finished cell.
         profile_sink: see ``measure``; used for the plain ``osstune`` stack only.
+        budgets: per scenario, the peak bytes ``--gradient_checkpointing auto`` may plan for (osstune stacks);
+            free device memory where a scenario has none.
 
     Returns:
         The stack's description: its pieces, trainable parameters and, for osstune, its LoRA summary.
     """
     linear_ce, loss_label = (None, "HF loss") if stack == "seed" else fused
+    budgets = budgets or {}
     base_stack, _, variant = stack.partition("[")
     options_on = set(variant.rstrip("]").split("+")) - {""}
-    parked = park_dense_experts(model) if "mxfp4" in options_on else []
+    parked = park_dense_experts(model) if base_stack == "osstune" and "bf16" not in options_on else []
     try:
         peft_model, pieces = wrap(base_stack, model, setup, loss_label)
     except Exception as exc:  # noqa: BLE001 - the other stacks still run; the traceback goes to stderr
@@ -754,8 +795,10 @@ def run_stack(
     if "nockpt" in options_on:
         model.activation_checkpointing_disable()
         pieces += "; no checkpointing"
+    elif base_stack != "osstune" or "ckptall" in options_on:
+        pieces += "; checkpointing every layer"
     else:
-        pieces += "; checkpointing"
+        pieces += "; --gradient_checkpointing auto"
     compiled = compile_layers(model, options_on)
     if compiled:
         pieces += f"; {compiled}"
@@ -766,12 +809,16 @@ def run_stack(
         info["lora"] = trainable_summary(peft_model)
         handles = install_packed_attention_masks(peft_model)
     sink = profile_sink if stack == "osstune" else None
+    auto = base_stack == "osstune" and not options_on & {"ckptall", "nockpt"} and setup.device.type == "cuda"
     try:
         for scenario in scenarios:
-            report(measure(peft_model, stack, scenario, base_stack == "osstune", linear_ce, pieces, setup, options,
+            notes = pieces
+            if auto:
+                notes += f" ({auto_checkpointing(peft_model, scenario, budgets.get(scenario.name))})"
+            report(measure(peft_model, stack, scenario, base_stack == "osstune", linear_ce, notes, setup, options,
                            sink))
     finally:
-        if "nockpt" in options_on:
+        if auto or "nockpt" in options_on:
             model.activation_checkpointing_enable()
         restore_dense_experts(model, parked)
         for module in model.modules():
@@ -912,6 +959,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--osstune-variants", default="",
                         help=f"extra osstune rows, comma-separated, from {', '.join(VARIANTS)} (nockpt: no "
                              "activation checkpointing)")
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="peak GiB osstune's --gradient_checkpointing auto plans for (default: hf_best's peak on "
+                             "the same scenario in this run, else the free memory)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing each osstune cell, profile one more step and print where the GPU time "
                              "goes (CUDA only)")
@@ -1049,8 +1099,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fused = linear_cross_entropy(args.tiny, not args.no_liger)
     for stack in stacks:
+        budgets = {cell.scenario: cell.peak_gib * 2**30 for cell in cells
+                   if cell.stack == "hf_best" and cell.peak_gib is not None and args.memory_budget_gib is None}
+        if args.memory_budget_gib is not None:
+            budgets = {scenario.name: args.memory_budget_gib * 2**30 for scenario in scenarios}
         record["stacks"][stack] = run_stack(stack, model, scenarios, setup, options, fused, report,
-                                            keep_profile if args.profile else None)
+                                            keep_profile if args.profile else None, budgets)
     record["ratios"] = ratios(cells, scenarios)
     record["total_s"] = time.perf_counter() - started
     save(record, out_dir)

@@ -80,6 +80,18 @@ def test_random_shapes_with_partial_tiles(
     assert torch.equal(bits(out), bits(dequantize_mxfp4(blocks, scales, dtype)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("experts", "rows", "groups"), [(3, 130, 3), (1, 256, 16)])
+def test_checkpoint_order_is_the_transpose(
+    mxfp4_kernels: ModuleType, dtype: torch.dtype, experts: int, rows: int, groups: int
+):
+    blocks, scales = every_byte_and_scale() if rows == 256 else random_codes(experts, rows, groups, seed=3)
+    out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype, transposed=False)
+    assert out.shape == (experts, rows, 32 * groups) and out.is_contiguous()
+    expected = dequantize_mxfp4(blocks, scales, dtype).transpose(1, 2)
+    assert torch.equal(bits(out), bits(expected.contiguous()))
+
+
 def test_writes_into_a_given_buffer_and_accepts_expert_slices(mxfp4_kernels: ModuleType):
     blocks, scales = random_codes(4, 40, 2, seed=7)
     buffer = torch.full((2, 64, 40), float("nan"), dtype=torch.bfloat16)

@@ -20,6 +20,7 @@ from osstune.train.launch import (
     local_main_first,
     rank_info,
     shared_run_dir,
+    single_process_rendezvous,
     torchrun_arguments,
     torchrun_command,
 )
@@ -153,3 +154,15 @@ def test_single_process_rank_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert run_dir.parent == tmp_path / "out" and RUN_NAME.match(run_dir.name) and run_dir.is_dir()
     with local_main_first(info) as first:
         assert first
+
+
+def test_single_process_rendezvous_completes_only_a_lone_process() -> None:
+    env: dict[str, str] = {"MASTER_PORT": "29555"}
+    assert single_process_rendezvous(env)
+    assert env == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": "29555"}
+    worker = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    assert not single_process_rendezvous(worker)
+    assert worker == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    fresh: dict[str, str] = {}
+    assert single_process_rendezvous(fresh) and 0 < int(fresh["MASTER_PORT"]) < 65536

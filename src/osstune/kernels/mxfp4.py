@@ -66,9 +66,9 @@ def _e2m1_bits(code, scale, OUT_KIND: tl.constexpr):
 @triton.jit
 def _dequantize_mxfp4_kernel(
     blocks_ptr, scales_ptr, out_ptr, rows, cols,
-    OUT_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    OUT_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """Decode one ``[BLOCK_R, BLOCK_C]`` tile of expert ``program_id(2)`` and store it transposed.
+    """Decode one ``[BLOCK_R, BLOCK_C]`` tile of expert ``program_id(2)`` and store it, transposed or not.
 
     The tile is held as ``[rows, scale groups, 16 bytes]`` so that each scale is loaded once and broadcast.
     """
@@ -85,33 +85,49 @@ def _dequantize_mxfp4_kernel(
         blocks_ptr + expert * rows * groups * 16 + tile[:, :, None] * 16 + lane[None, None, :],
         mask=mask[:, :, None], other=0,
     ).to(tl.int32)
-    even = tl.permute(_e2m1_bits(packed & 15, scale, OUT_KIND), (1, 2, 0))  # [groups, lanes, rows]
-    odd = tl.permute(_e2m1_bits(packed >> 4, scale, OUT_KIND), (1, 2, 0))
-    column = group[:, None] * 32 + 2 * lane[None, :]  # even column of each byte
-    out_offsets = expert * cols * rows + column[:, :, None] * rows + row[None, None, :]
-    out_mask = tl.permute(mask[:, :, None], (1, 2, 0))
+    even = _e2m1_bits(packed & 15, scale, OUT_KIND)  # [rows, groups, lanes]
+    odd = _e2m1_bits(packed >> 4, scale, OUT_KIND)
     out_ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + out_offsets, even.to(out_ty), mask=out_mask)
-    tl.store(out_ptr + out_offsets + rows, odd.to(out_ty), mask=out_mask)
+    if TRANSPOSED:
+        column = group[:, None] * 32 + 2 * lane[None, :]  # even column of each byte
+        out_offsets = expert * cols * rows + column[:, :, None] * rows + row[None, None, :]
+        out_mask = tl.permute(mask[:, :, None], (1, 2, 0))
+        tl.store(out_ptr + out_offsets, tl.permute(even, (1, 2, 0)).to(out_ty), mask=out_mask)
+        tl.store(out_ptr + out_offsets + rows, tl.permute(odd, (1, 2, 0)).to(out_ty), mask=out_mask)
+    else:
+        values = tl.reshape(tl.join(even, odd), (BLOCK_R, BLOCK_C))  # low nibble first along each row
+        column = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        out_offsets = expert * rows * cols + row[:, None] * cols + column[None, :]
+        out_mask = (row < rows)[:, None] & (column < cols)[None, :]
+        tl.store(out_ptr + out_offsets, values.to(out_ty), mask=out_mask)
 
 
 def dequantize_mxfp4_triton(
-    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    *,
+    transposed: bool = True,
 ) -> torch.Tensor:
     """Decode MXFP4 expert weights to a dense ``[E, in, out]`` tensor in one kernel launch.
 
     Bit-identical to ``osstune.models.gpt_oss.mxfp4.dequantize_mxfp4`` (see the module docstring), on CUDA (or
-    on CPU tensors under Triton's interpreter).
+    on CPU tensors under Triton's interpreter). With ``transposed=False`` the same values land in the
+    checkpoint's own ``[E, rows, cols]`` order (the transpose of the reference's result), which a matmul can read
+    as the transposed operand without a copy.
 
     Args:
         blocks: uint8 ``[E, rows, cols / 32, 16]``, two E2M1 codes per byte (low nibble = even column).
         scales: uint8 ``[E, rows, cols / 32]``, E8M0 block scales, on the device of ``blocks``.
         dtype: float32, bfloat16 or float16.
-        out: optional contiguous ``[E, cols, rows]`` tensor of ``dtype`` on the device of ``blocks`` to write
-            into (a reusable scratch buffer); a new tensor is allocated when None.
+        out: optional contiguous ``[E, cols, rows]`` (``[E, rows, cols]`` when not transposed) tensor of ``dtype``
+            on the device of ``blocks`` to write into (a reusable scratch buffer); a new tensor is allocated when
+            None.
+        transposed: ``[E, cols, rows]`` as the reference (True) or ``[E, rows, cols]``.
 
     Returns:
-        The dequantised weights ``[E, cols, rows]`` (``out`` when given).
+        The dequantised weights (``out`` when given).
 
     Raises:
         ValueError: wrong dtypes or shapes, tensors on different devices, or an unusable ``out``.
@@ -129,7 +145,7 @@ def dequantize_mxfp4_triton(
         raise ValueError(f"the Triton MXFP4 kernel writes {tuple(OUTPUT_KINDS)}, not {dtype}")
     num_experts, rows, groups, _ = blocks.shape
     cols = groups * BLOCK_SIZE
-    shape = (num_experts, cols, rows)
+    shape = (num_experts, cols, rows) if transposed else (num_experts, rows, cols)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=blocks.device)
     elif tuple(out.shape) != shape or out.dtype != dtype or out.device != blocks.device or not out.is_contiguous():
@@ -143,6 +159,6 @@ def dequantize_mxfp4_triton(
         grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS), num_experts)
         _dequantize_mxfp4_kernel[grid](
             blocks.contiguous(), scales.contiguous(), out.view(bits_dtype), rows, cols,
-            OUT_KIND=kind, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=NUM_WARPS,
+            OUT_KIND=kind, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, TRANSPOSED=transposed, num_warps=NUM_WARPS,
         )
     return out

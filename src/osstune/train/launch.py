@@ -21,7 +21,7 @@ import datetime as _dt
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +226,26 @@ def relaunch(arguments: Sequence[str]) -> int:
         print(f"worker rank {rank} failed with exit code {code}; its error is printed above.", file=sys.stderr)
         return code
     return 0
+
+
+def single_process_rendezvous(env: MutableMapping[str, str] | None = None) -> bool:
+    """Give a lone process the rendezvous variables a launcher would set (``RANK=0``, ``LOCAL_RANK=0``,
+    ``WORLD_SIZE=1``, ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``), unless a launcher already did.
+
+    DeepSpeed starts a process group even for one process; without these variables it probes for MPI instead.
+
+    Args:
+        env: the environment to complete (``os.environ`` when None).
+
+    Returns:
+        Whether the variables were set.
+    """
+    env = os.environ if env is None else env
+    if any(marker in env for marker in WORKER_MARKERS):
+        return False
+    env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+                "MASTER_PORT": env.get("MASTER_PORT", str(free_port()))})
+    return True
 
 
 def free_port() -> int:

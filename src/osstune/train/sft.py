@@ -35,6 +35,7 @@ from osstune.train.launch import (
     rank_info,
     relaunch,
     shared_run_dir,
+    single_process_rendezvous,
     torchrun_arguments,
     torchrun_command,
 )
@@ -100,6 +101,8 @@ def run(groups: dict[type, Any]) -> int:
                                    f"(world size {plan.world_size}): {shlex.join(torchrun_command(arguments))}",
                                    markup=False, highlight=False, soft_wrap=True)
         return relaunch(arguments)
+    if cfg.train.deepspeed:
+        single_process_rendezvous()
     info = rank_info()
     result = train(cfg)
     if info.distributed:
@@ -517,10 +520,10 @@ def fit(
         _check_fsdp(info.world_size)
     _check_deepspeed(training.deepspeed)
     if deepspeed_stage(training.deepspeed) == 3:
-        from deepspeed.zero import register_external_parameter
+        import deepspeed
 
         for module, parameter in zero3_external_parameters(model):
-            register_external_parameter(module, parameter)
+            deepspeed.zero.register_external_parameter(module, parameter)
     cuda = torch.cuda.is_available()
     use_liger = _liger_notice(training, console, cuda)
     bf16 = next(model.parameters()).dtype == torch.bfloat16

@@ -211,6 +211,26 @@ def test_backward_recomputes_the_weights_instead_of_keeping_them(grouped: bool) 
     assert weight_shapes.isdisjoint(saved_shapes(lambda: stack.matmul(x_SI, routing.ends_E, grouped)))
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4])
+def test_bounded_scratch_gives_the_whole_stack_result(chunk: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    blocks, scales = quantize_mxfp4(torch.randn(4, 64, 96, generator=gen))
+    whole = Mxfp4Stack(blocks, scales, torch.float32)
+    bounded = Mxfp4Stack(blocks, scales, torch.float32, max_dense_experts=chunk)
+    routing = route_by_expert(torch.tensor([[0, 3], [3, 1], [1, 0], [0, 3], [3, 0]]), 4)  # expert 2 gets no row
+    x_SI = torch.randn(10, 64, generator=gen)
+    probe = torch.randn(10, 96, generator=gen)
+    for transpose, rows in ((False, x_SI), (True, probe)):
+        expected = whole.multiply(rows, routing.ends_E, grouped=True, transpose=transpose)
+        assert torch.equal(bounded.multiply(rows, routing.ends_E, grouped=True, transpose=transpose), expected)
+        looped = whole.multiply(rows, routing.ends_E, grouped=False, transpose=transpose)
+        assert rel_err(expected, looped) < 1e-6 and expected.abs().max() > 0
+    # Routing that leaves a whole chunk empty.
+    empty_first = route_by_expert(torch.tensor([[3, 2], [2, 3]]), 4)
+    out = bounded.multiply(x_SI[:4], empty_first.ends_E, grouped=True, transpose=False)
+    assert torch.equal(out, whole.multiply(x_SI[:4], empty_first.ends_E, grouped=True, transpose=False))
+
+
 def test_layer_forward_without_lora_matches_dense(tiny_model_dir: Path) -> None:
     model = load_model(tiny_model_dir, torch_dtype="float32", device="cpu", console=quiet(),
                        expert_weights="mxfp4").model

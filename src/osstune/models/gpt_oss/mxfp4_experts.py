@@ -52,11 +52,15 @@ class Mxfp4Stack:
         blocks: uint8 ``[E, O, I / 32, 16]``, two E2M1 codes per byte (low nibble = even input column).
         scales: uint8 ``[E, O, I / 32]``, E8M0 block scales.
         compute_dtype: dtype the weights are dequantised to and multiplied in.
+        max_dense_experts: on the grouped kernel, dequantise at most this many experts at a time (bounding the
+            scratch to that share of the layer, at the price of one host sync per multiplication); None: the whole
+            stack at once, no host sync.
     """
 
     blocks: torch.Tensor
     scales: torch.Tensor
     compute_dtype: torch.dtype
+    max_dense_experts: int | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -84,6 +88,19 @@ class Mxfp4Stack:
 
             return dequantize_mxfp4_triton(blocks, scales, self.compute_dtype)
         return dequantize_mxfp4(blocks, scales, self.compute_dtype)
+
+    def dequantize_rows(self, experts: slice = slice(None)) -> torch.Tensor:
+        """Dense weights of some experts in the checkpoint's order, ``[e, O, I]`` (``dequantize`` transposed).
+
+        Args:
+            experts: which experts, as a slice of the expert dimension.
+        """
+        blocks, scales = self.blocks[experts], self.scales[experts]
+        if blocks.is_cuda and self.compute_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from osstune.kernels.mxfp4 import dequantize_mxfp4_triton
+
+            return dequantize_mxfp4_triton(blocks, scales, self.compute_dtype, transposed=False)
+        return dequantize_mxfp4(blocks, scales, self.compute_dtype).transpose(1, 2)
 
     def matmul(self, x_SI: torch.Tensor, ends_E: torch.Tensor, grouped: bool) -> torch.Tensor:
         """``out[s] = x_SI[s] @ W[e]`` for the expert e owning row s; differentiable in ``x_SI`` only.
@@ -113,10 +130,7 @@ class Mxfp4Stack:
             ``x_SN[s] @ W[e]`` (or ``@ W[e].T``), [S, O] (or [S, I]).
         """
         if grouped:
-            w_EIO = self.dequantize()
-            w = w_EIO.transpose(1, 2) if transpose else w_EIO
-            kernel = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-            return kernel(x_SN, w, offs=ends_E)
+            return self._grouped(x_SN, ends_E, transpose)
         width = self.shape[1] if transpose else self.shape[2]
         ends = ends_E.tolist()
         pieces = []
@@ -127,6 +141,36 @@ class Mxfp4Stack:
             w_IO = self.dequantize(slice(expert, expert + 1))[0]
             pieces.append(x_SN[start:end] @ (w_IO.T if transpose else w_IO))
         return torch.cat(pieces)
+
+
+    def _grouped(self, x_SN: torch.Tensor, ends_E: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``multiply`` on the grouped kernel: the weights are dequantised in the checkpoint's ``[E, O, I]`` order,
+        which is ``W.T`` contiguous and ``W`` as a transposed view, so neither direction copies them.
+
+        Args:
+            x_SN: rows sorted by expert.
+            ends_E: int32 end row of each expert's block, [E].
+            transpose: multiply by ``W[e].T``.
+        """
+        kernel = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+        num_experts = self.blocks.shape[0]
+        chunk = self.max_dense_experts or num_experts
+        if chunk >= num_experts:
+            w_EOI = self.dequantize_rows()
+            return kernel(x_SN, w_EOI if transpose else w_EOI.transpose(1, 2), offs=ends_E)
+        ends = ends_E.tolist()
+        pieces = []
+        for first in range(0, num_experts, chunk):
+            last = min(first + chunk, num_experts)
+            start, stop = (ends[first - 1] if first else 0), ends[last - 1]
+            if stop == start:
+                continue
+            w_EOI = self.dequantize_rows(slice(first, last))
+            offs = ends_E[first:last] - start
+            pieces.append(kernel(x_SN[start:stop], w_EOI if transpose else w_EOI.transpose(1, 2), offs=offs))
+            del w_EOI
+        width = self.shape[1] if transpose else self.shape[2]
+        return torch.cat(pieces) if pieces else x_SN.new_zeros(0, width)
 
 
 class Mxfp4Matmul(torch.autograd.Function):
@@ -194,6 +238,7 @@ class Mxfp4Experts(GptOssExperts):
         with torch.device("meta"):
             super().__init__(config)
         self.compute_dtype = dtype
+        self.max_dense_experts: int | None = None
         dims = {"gate_up_proj": (self.hidden_size, 2 * self.intermediate_size),
                 "down_proj": (self.intermediate_size, self.hidden_size)}
         for name in EXPERT_STACKS:
@@ -218,10 +263,12 @@ class Mxfp4Experts(GptOssExperts):
             setattr(self, f"{name}_bias", nn.Parameter(biases[name]))
 
     def weight_stacks(self) -> tuple[Mxfp4Stack, Mxfp4Stack]:
-        """The ``(gate_up, down)`` stacks, for ``experts_forward``."""
+        """The ``(gate_up, down)`` stacks, for ``experts_forward``; ``max_dense_experts`` (an attribute, None by
+        default) bounds their dequantisation scratch (see ``Mxfp4Stack``)."""
+        chunk = self.max_dense_experts
         return (
-            Mxfp4Stack(self.gate_up_proj_blocks, self.gate_up_proj_scales, self.compute_dtype),
-            Mxfp4Stack(self.down_proj_blocks, self.down_proj_scales, self.compute_dtype),
+            Mxfp4Stack(self.gate_up_proj_blocks, self.gate_up_proj_scales, self.compute_dtype, chunk),
+            Mxfp4Stack(self.down_proj_blocks, self.down_proj_scales, self.compute_dtype, chunk),
         )
 
     def forward(

@@ -9,6 +9,7 @@ token ids differ from o200k: look special tokens up by their string.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -16,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from osstune.errors import OsstuneError
-from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
+from osstune.models.gpt_oss.random_model import GptOssSizes, build_config, check_sizes, write_checkpoint
 
 HARMONY_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|startoftext|>",
@@ -87,8 +86,6 @@ TINY_MODEL_FILES: tuple[str, ...] = (
 """Files that ``write_tiny_model`` writes (the weights are small enough for one unsharded safetensors file)."""
 
 _RESOURCES = Path(__file__).resolve().parents[2] / "resources"
-_MAX_POSITION_EMBEDDINGS = 131072
-_ORIGINAL_CONTEXT_LENGTH = 4096
 
 
 def bundled_texts(resources_dir: Path = _RESOURCES) -> list[str]:
@@ -187,10 +184,12 @@ def write_tiny_model(
     ``mlp.experts.gate_up_proj`` ``[E, H, 2I]`` and ``down_proj`` ``[E, I, H]``. Both variants hold the same
     model for the same seed: the dense experts are the dequantised MXFP4 ones.
 
-    Weights are drawn from a private generator seeded with ``seed``: every matrix, bias, embedding, router and
-    attention-sink entry from N(0, ``init_std``), norms set to one. Biases are random rather than zero so that
-    code which loses a bias changes the model's output. The output is byte-identical for the same arguments and
-    bundled text.
+    Weights are drawn and written by the writer of full-size random checkpoints
+    (``osstune.models.gpt_oss.random_model.write_checkpoint``), on the CPU from a private generator seeded with
+    ``seed``: every matrix, bias, embedding, router and attention-sink entry from N(0, ``init_std``), the
+    unembedding from N(0, 1/sqrt(hidden_size)), norms set to one. Biases are random rather than zero so that code
+    which loses a bias changes the model's output. The output is byte-identical for the same arguments and bundled
+    text.
 
     Args:
         out_dir: folder to write; created if missing. It may hold only files this function writes.
@@ -211,30 +210,7 @@ def write_tiny_model(
     Returns:
         The folder, as a ``Path``.
     """
-    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
-        if value < BLOCK_SIZE or value % BLOCK_SIZE:
-            raise OsstuneError(f"{name} must be a positive multiple of {BLOCK_SIZE} (an MXFP4 block), got {value}")
-    if num_attention_heads % num_key_value_heads:
-        raise OsstuneError(
-            f"num_attention_heads ({num_attention_heads}) must be a multiple of "
-            f"num_key_value_heads ({num_key_value_heads})"
-        )
-    if not 1 <= experts_per_token <= num_experts:
-        raise OsstuneError(
-            f"experts_per_token must be between 1 and num_experts ({num_experts}), got {experts_per_token}"
-        )
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OsstuneError(f"{out} exists and is not a folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in TINY_MODEL_FILES) if out.exists() else []
-    if foreign:
-        raise OsstuneError(f"{out} already holds other files ({', '.join(foreign[:5])}); choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = train_tokenizer(bundled_texts(), vocab_size)
-    ids = {token: tokenizer.token_to_id(token) for token in HARMONY_SPECIAL_TOKENS}
-    config = _config(
-        mxfp4=mxfp4,
+    sizes = GptOssSizes(
         num_layers=num_layers,
         hidden_size=hidden_size,
         num_attention_heads=num_attention_heads,
@@ -244,41 +220,26 @@ def write_tiny_model(
         experts_per_token=experts_per_token,
         intermediate_size=intermediate_size,
         sliding_window=sliding_window,
-        vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64),
-        init_std=init_std,
-        eos_token_id=ids["<|return|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        vocab_size=vocab_size,
     )
-    generator = torch.Generator().manual_seed(seed)
-    tensors = dict(_random_weights(config, generator, mxfp4=mxfp4))
+    check_sizes(sizes)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OsstuneError(f"{out} exists and is not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in TINY_MODEL_FILES) if out.exists() else []
+    if foreign:
+        raise OsstuneError(f"{out} already holds other files ({', '.join(foreign[:5])}); choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
 
-    _write_json(out / "config.json", config)
-    _write_json(
-        out / "generation_config.json",
-        {
-            "bos_token_id": ids["<|startoftext|>"],
-            "do_sample": True,
-            "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
+    tokenizer = train_tokenizer(bundled_texts(), vocab_size)
+    config = build_config(
+        dataclasses.replace(sizes, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64)),
+        eos_token_id=tokenizer.token_to_id("<|return|>"),
+        pad_token_id=tokenizer.token_to_id("<|endoftext|>"),
+        mxfp4=mxfp4,
+        init_std=init_std,
     )
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "bos_token": "<|startoftext|>",
-            "clean_up_tokenization_spaces": False,
-            "eos_token": "<|return|>",
-            "model_input_names": ["input_ids", "attention_mask"],
-            "model_max_length": _MAX_POSITION_EMBEDDINGS,
-            "pad_token": "<|endoftext|>",
-            "tokenizer_class": "PreTrainedTokenizerFast",
-        },
-    )
-    (out / "chat_template.jinja").write_text(
-        (_RESOURCES / "chat_template.jinja").read_text(encoding="utf-8"), encoding="utf-8"
-    )
+    write_checkpoint(out, config, tokenizer, seed=seed)
     return out
 
 
@@ -292,124 +253,6 @@ def _strings_in(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _strings_in(item)
-
-
-def _config(
-    *,
-    mxfp4: bool,
-    num_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    head_dim: int,
-    num_experts: int,
-    experts_per_token: int,
-    intermediate_size: int,
-    sliding_window: int,
-    vocab_size: int,
-    init_std: float,
-    eos_token_id: int,
-    pad_token_id: int,
-) -> dict[str, Any]:
-    """``config.json`` with gpt-oss-20b's keys and fixed settings, and the given sizes."""
-    config: dict[str, Any] = {
-        "architectures": ["GptOssForCausalLM"],
-        "attention_bias": True,
-        "attention_dropout": 0.0,
-        "eos_token_id": eos_token_id,
-        "experts_per_token": experts_per_token,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "hidden_size": hidden_size,
-        "initial_context_length": _ORIGINAL_CONTEXT_LENGTH,
-        "initializer_range": init_std,
-        "intermediate_size": intermediate_size,
-        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
-        "max_position_embeddings": _MAX_POSITION_EMBEDDINGS,
-        "model_type": "gpt_oss",
-        "num_attention_heads": num_attention_heads,
-        "num_experts_per_tok": experts_per_token,
-        "num_hidden_layers": num_layers,
-        "num_key_value_heads": num_key_value_heads,
-        "num_local_experts": num_experts,
-        "output_router_logits": False,
-        "pad_token_id": pad_token_id,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": {
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "factor": _MAX_POSITION_EMBEDDINGS / _ORIGINAL_CONTEXT_LENGTH,
-            "original_max_position_embeddings": _ORIGINAL_CONTEXT_LENGTH,
-            "rope_type": "yarn",
-            "truncate": False,
-        },
-        "rope_theta": 150000,
-        "router_aux_loss_coef": 0.9,
-        "sliding_window": sliding_window,
-        "swiglu_limit": 7.0,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "vocab_size": vocab_size,
-    }
-    if mxfp4:
-        config["quantization_config"] = {
-            "modules_to_not_convert": [
-                "model.layers.*.self_attn",
-                "model.layers.*.mlp.router",
-                "model.embed_tokens",
-                "lm_head",
-            ],
-            "quant_method": "mxfp4",
-        }
-    return config
-
-
-def _random_weights(
-    config: dict[str, Any], generator: torch.Generator, *, mxfp4: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(checkpoint name, tensor)`` for every weight of the model, drawn in a fixed order."""
-    std = float(config["initializer_range"])
-    hidden = config["hidden_size"]
-    q_width = config["num_attention_heads"] * config["head_dim"]
-    kv_width = config["num_key_value_heads"] * config["head_dim"]
-    experts = config["num_local_experts"]
-    inter = config["intermediate_size"]
-
-    def normal(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * std).to(torch.bfloat16)
-
-    def ones(*shape: int) -> torch.Tensor:
-        return torch.ones(*shape, dtype=torch.bfloat16)
-
-    yield "model.embed_tokens.weight", normal(config["vocab_size"], hidden)
-    for layer in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}"
-        yield f"{prefix}.input_layernorm.weight", ones(hidden)
-        attention = (("q", q_width, hidden), ("k", kv_width, hidden), ("v", kv_width, hidden), ("o", hidden, q_width))
-        for proj, out_width, in_width in attention:
-            yield f"{prefix}.self_attn.{proj}_proj.weight", normal(out_width, in_width)
-            yield f"{prefix}.self_attn.{proj}_proj.bias", normal(out_width)
-        yield f"{prefix}.self_attn.sinks", normal(config["num_attention_heads"])
-        yield f"{prefix}.post_attention_layernorm.weight", ones(hidden)
-        yield f"{prefix}.mlp.router.weight", normal(experts, hidden)
-        yield f"{prefix}.mlp.router.bias", normal(experts)
-        for proj, in_width, out_width in (("gate_up_proj", hidden, 2 * inter), ("down_proj", inter, hidden)):
-            blocks, scales = quantize_mxfp4(torch.randn(experts, in_width, out_width, generator=generator) * std)
-            if mxfp4:
-                yield f"{prefix}.mlp.experts.{proj}_blocks", blocks
-                yield f"{prefix}.mlp.experts.{proj}_scales", scales
-            else:
-                yield f"{prefix}.mlp.experts.{proj}", dequantize_mxfp4(blocks, scales, torch.bfloat16)
-            yield f"{prefix}.mlp.experts.{proj}_bias", normal(experts, out_width)
-    yield "model.norm.weight", ones(hidden)
-    # Unit-scale logits: with ``std`` here the softmax of a random tiny model is almost flat and learns slowly.
-    yield "lm_head.weight", (torch.randn(config["vocab_size"], hidden, generator=generator) * hidden**-0.5).to(
-        torch.bfloat16)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write ``value`` as indented, key-sorted JSON with a trailing newline."""
-    path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @dataclass
