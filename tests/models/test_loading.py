@@ -232,3 +232,13 @@ def test_free_host_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert memory._meminfo_available() == 512 * 1024
     monkeypatch.setattr(memory, "MEMINFO", tmp_path / "absent")
     assert memory._meminfo_available() is None
+
+
+def test_attention_is_chosen_for_the_compute_device(tiny_model_dir: Path) -> None:
+    # ZeRO-3/FSDP load on the CPU and run on the GPUs: the attention follows where the model runs.
+    loaded = load_model(tiny_model_dir, torch_dtype="float32", device="cpu", compute_device="cpu",
+                        console=Console(file=io.StringIO()))
+    assert loaded.model.config._attn_implementation == "eager"
+    with pytest.raises(OsstuneError, match="CUDA"):
+        load_model(tiny_model_dir, torch_dtype="float32", device="cpu", compute_device="cuda",
+                   console=Console(file=io.StringIO()))

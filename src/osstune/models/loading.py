@@ -190,6 +190,7 @@ def load_model(
     device: str | None = None,
     console: Console | None = None,
     expert_weights: str = "bf16",
+    compute_device: str | None = None,
 ) -> LoadedModel:
     """Load a local causal LM and its tokenizer, printing the memory need and a one-line summary.
 
@@ -202,6 +203,8 @@ def load_model(
         expert_weights: gpt-oss MXFP4 experts: ``bf16`` dequantises them to ``torch_dtype``, ``mxfp4`` keeps them
             as MXFP4 and dequantises on the fly (see ``resolve_expert_weights``), ``auto`` picks ``mxfp4`` when the
             dense weights would not fit in the free memory of ``device``.
+        compute_device: where the model will run when that is not ``device`` (ZeRO-3 and FSDP load on the CPU
+            and shard onto the GPUs); the attention implementation is chosen for it.
 
     Returns:
         The model in eval mode, its tokenizer and what was decided.
@@ -217,7 +220,8 @@ def load_model(
     gpt_oss = is_gpt_oss(config)
     dtype = resolve_dtype(torch_dtype, config)
     target = resolve_device(device)
-    attn = resolve_attn_impl(attn_impl, gpt_oss=gpt_oss, device=target)
+    runs_on = resolve_device(compute_device) if compute_device else target
+    attn = resolve_attn_impl(attn_impl, gpt_oss=gpt_oss, device=runs_on)
     tokenizer = load_tokenizer(model_dir)
     if not gpt_oss:
         _say(console, f"generic path: {config.get('model_type', 'unknown model type')}; "

@@ -432,6 +432,7 @@ def train(cfg: SftConfig, console: Console | None = None) -> TrainResult:
     Returns:
         The run folder, the last checkpoint and an exit code (see :class:`TrainResult`).
     """
+    import torch
     from transformers import set_seed
 
     from osstune.data.pipeline import prepare_dataset
@@ -451,7 +452,8 @@ def train(cfg: SftConfig, console: Console | None = None) -> TrainResult:
     console.print(f"[bold]run folder[/] {run_dir}")
 
     loaded = load_model(cfg.load.model, torch_dtype=cfg.load.torch_dtype, attn_impl=cfg.load.attn_impl,
-                        device=load_device(cfg.train, info), console=console, expert_weights=cfg.load.expert_weights)
+                        device=load_device(cfg.train, info), console=console, expert_weights=cfg.load.expert_weights,
+                        compute_device="cuda" if torch.cuda.is_available() else None)
     with local_main_first(info) as first:  # one process per node fills the dataset cache, the others read it
         data_args = cfg.data if first else dataclasses.replace(cfg.data, load_from_cache_file=True)
         prepared = prepare_dataset(data_args, cfg.template.render_options(), loaded.tokenizer,
