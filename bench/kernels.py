@@ -6,11 +6,20 @@
   (what autograd saves plus the output).
 - MXFP4 dequantisation of one layer's expert stacks to bf16: gate_up (32 x 2880 x 5760) and down
   (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``.
+- The elementwise passes of the grouped expert forward, forward + backward, at T = 8192 tokens routed top-4
+  (S = 32768 rows), F = 5760, H = 2880 in bf16, the unfused PyTorch operations against the fused passes of
+  ``osstune.kernels.moe``: gate = add the gathered gate/up bias and the LoRA product to the base projection, then
+  ``clamp_swiglu``, against ``gate_activation`` (both overwrite a fresh copy of the base projection, whose cost is
+  included and also reported alone); combine = add the gathered down bias, weight by the routing weights, scatter
+  into a zero-filled ``[T * K, H]`` tensor and sum over K in float32, against ``combine_experts``.
 
 Times are medians of ``triton.testing.do_bench``. GB/s counts the bytes a fused kernel must move (SwiGLU:
 read gate_up and write the activation forward, read gate_up and the upstream gradient and write the input
-gradient backward; dequantisation: read blocks and scales, write the dense tensor), for every row alike, so the
-figures compare as throughput. Needs one CUDA GPU; runs in well under 30 s on an H100/H200:
+gradient backward; dequantisation: read blocks and scales, write the dense tensor; gate: copy the base, read base
+and LoRA and write the pre-activation and the activation forward, read the pre-activation and the upstream
+gradient and write its gradient backward; combine: read the rows and write the sums forward, read the gathered
+upstream gradient and the rows and write the rows' gradient backward), for every row alike, so the figures compare
+as throughput. Needs one CUDA GPU; runs in well under 30 s on an H100/H200:
 
     PYTHONPATH=src python3 bench/kernels.py
 
@@ -39,6 +48,9 @@ EXPERTS, HIDDEN, INTERMEDIATE = 32, 2880, 2880
 
 ALPHA, LIMIT = 1.702, 7.0
 """gpt-oss's SwiGLU constants."""
+
+TOKENS, TOP_K = 8192, 4
+"""Tokens of the batch and experts per token (``PAIRS = TOKENS * TOP_K``)."""
 
 
 def median_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
@@ -125,8 +137,75 @@ def bench_dequantize() -> list[dict[str, object]]:
     return rows
 
 
+def bench_moe() -> list[dict[str, object]]:
+    """Time the unfused PyTorch operations and the fused passes of the expert forward, forward + backward.
+
+    Returns:
+        Rows (name, ms, GB/s): the copy of the base projection alone, gate unfused, gate fused, combine unfused,
+        combine fused.
+    """
+    from osstune.kernels.moe import combine_experts, gate_activation
+    from osstune.kernels.swiglu import clamp_swiglu
+    from osstune.models.gpt_oss.experts import route_by_expert
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    bf16: dict[str, object] = {"device": "cuda", "dtype": torch.bfloat16}
+    scores = torch.rand(TOKENS, EXPERTS, device="cuda", generator=generator)
+    routing = route_by_expert(scores.topk(TOP_K, dim=-1).indices, EXPERTS)
+    base = torch.randn(PAIRS, GATE_UP_WIDTH, generator=generator, **bf16).mul_(4)
+    lora = torch.randn(PAIRS, GATE_UP_WIDTH, generator=generator, **bf16).requires_grad_(True)
+    gate_bias = torch.randn(EXPERTS, GATE_UP_WIDTH, generator=generator, **bf16)
+    grad_act = torch.randn(PAIRS, GATE_UP_WIDTH // 2, generator=generator, **bf16)
+    down = torch.randn(PAIRS, HIDDEN, generator=generator, **bf16).requires_grad_(True)
+    down_bias = torch.randn(EXPERTS, HIDDEN, generator=generator, **bf16)
+    weights = torch.softmax(torch.randn(TOKENS, TOP_K, device="cuda", generator=generator), dim=-1)
+    weights = weights.to(torch.bfloat16).requires_grad_(True)
+    grad_out = torch.randn(TOKENS, HIDDEN, generator=generator, **bf16)
+
+    def gate_unfused() -> torch.Tensor:
+        pre = base.clone()
+        pre.add_(gate_bias.index_select(0, routing.expert_S))
+        pre.add_(lora)
+        return clamp_swiglu(pre, alpha=ALPHA, limit=LIMIT)
+
+    def gate_fused() -> torch.Tensor:
+        return gate_activation(base.clone(), lora, gate_bias, routing.expert_S, alpha=ALPHA, limit=LIMIT)
+
+    def combine_unfused() -> torch.Tensor:
+        rows = down + down_bias.index_select(0, routing.expert_S)
+        weighted = rows * weights.reshape(-1).index_select(0, routing.pair_S)[:, None]
+        pairs = torch.zeros_like(weighted).index_copy(0, routing.pair_S, weighted)
+        return pairs.view(TOKENS, TOP_K, HIDDEN).sum(dim=1, dtype=torch.float32).to(torch.bfloat16)
+
+    def combine_fused() -> torch.Tensor:
+        return combine_experts(down, down_bias, routing.expert_S, routing.pair_S, weights, TOKENS, TOP_K)
+
+    for unfused, fused in ((gate_unfused, gate_fused), (combine_unfused, combine_fused)):
+        expected, got = unfused().float(), fused().float()
+        if ((got - expected).norm() / expected.norm()).item() > 1e-2:
+            raise SystemExit(f"{fused.__name__} disagrees with {unfused.__name__}")
+    element = 2  # bytes per bf16 value
+    gate_moved = PAIRS * GATE_UP_WIDTH * element * 8  # copy 2, forward 3.5, backward 2.5 (in units of [S, F])
+    combine_moved = (4 * PAIRS + TOKENS) * HIDDEN * element
+    variants: list[tuple[str, Callable[[], object], list[torch.Tensor], int]] = [
+        ("copy of the base projection", base.clone, [], 2 * PAIRS * GATE_UP_WIDTH * element),
+        ("gate unfused (adds + clamp_swiglu)", lambda: gate_unfused().backward(grad_act), [lora], gate_moved),
+        ("gate fused (gate_activation)", lambda: gate_fused().backward(grad_act), [lora], gate_moved),
+        ("combine unfused (weight, scatter, sum)", lambda: combine_unfused().backward(grad_out), [down, weights],
+         combine_moved),
+        ("combine fused (combine_experts)", lambda: combine_fused().backward(grad_out), [down, weights],
+         combine_moved),
+    ]
+    rows = []
+    for name, fn, grads, moved in variants:
+        fn()  # compile / warm up
+        ms = median_ms(fn, grad_to_none=grads)
+        rows.append({"name": name, "ms": ms, "gb_per_s": moved / ms / 1e6})
+    return rows
+
+
 def main() -> int:
-    """Run both benchmarks, print a table, write ``$OUT/kernels.json`` when OUT is set.
+    """Run the benchmarks, print their tables, write ``$OUT/kernels.json`` when OUT is set.
 
     Returns:
         The exit status: 0, or 1 without a CUDA device.
@@ -136,6 +215,7 @@ def main() -> int:
         return 1
     swiglu_rows = bench_swiglu()
     dequantize_rows = bench_dequantize()
+    moe_rows = bench_moe()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"SwiGLU fwd+bwd, S={PAIRS} x F={GATE_UP_WIDTH} bf16")
     print(f"| {'implementation':<34} | {'ms':>8} | {'GB/s':>7} | {'held MiB':>8} |")
@@ -145,15 +225,23 @@ def main() -> int:
     print(f"| {'implementation':<55} | {'ms':>8} | {'GB/s':>7} |")
     for row in dequantize_rows:
         print(f"| {row['name']:<55} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
+    print(f"Expert elementwise passes fwd+bwd, S={PAIRS} F={GATE_UP_WIDTH} H={HIDDEN} T={TOKENS} K={TOP_K} bf16")
+    print(f"| {'implementation':<42} | {'ms':>8} | {'GB/s':>7} |")
+    for row in moe_rows:
+        print(f"| {row['name']:<42} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
     print(f"speedup swiglu fwd+bwd, triton over _apply_gate: {swiglu_rows[0]['ms'] / swiglu_rows[2]['ms']:.2f}x")
     for start in range(0, len(dequantize_rows), 3):
         reference, kernel = dequantize_rows[start], dequantize_rows[start + 1]
         print(f"speedup {kernel['name']} over torch: {reference['ms'] / kernel['ms']:.2f}x")
+    for start in (1, 3):
+        unfused, fused = moe_rows[start], moe_rows[start + 1]
+        print(f"speedup {fused['name']} over {unfused['name']}: {unfused['ms'] / fused['ms']:.2f}x")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "kernels.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "swiglu": swiglu_rows, "dequantize": dequantize_rows}, indent=2))
+                                    "swiglu": swiglu_rows, "dequantize": dequantize_rows, "moe": moe_rows},
+                                   indent=2))
     return 0
 
 

@@ -10,7 +10,9 @@ fused linear cross-entropy, activation checkpointing, AdamW over the LoRA parame
 Cells (``--cells``):
 
 - ``20b``: gpt-oss-20b, 1 x ``--length`` tokens, experts MXFP4-resident (whole layer dequantised at once, every
-  layer checkpointed), then the lean setting (4 experts dequantised at a time, checkpointed inputs in host RAM);
+  layer checkpointed), then the lean setting (``--dequant_experts 4 --offload_activations true
+  --offload_embeddings true``: 4 experts dequantised at a time, checkpointed inputs and the input embedding table
+  in host RAM);
   then the same weights dequantised to dense bf16 experts (``--expert_weights bf16``), same batch: peak memory and
   tokens/s of each, and the ratios to bf16.
 - ``120b``: gpt-oss-120b, 1 x ``--length`` tokens, experts MXFP4-resident, both settings.
@@ -19,8 +21,9 @@ Cells (``--cells``):
   until one runs out of memory: the longest that trains.
 
 Every cell reports peak allocated GiB (weights included) and a breakdown: expert weights, other weights, LoRA
-parameters + gradients + AdamW state, and the rest (activations, workspace, scratch). With OUT set everything goes
-to ``$OUT/memory.json``. ``--tiny`` runs the same on the CPU with a small config.
+parameters + gradients + AdamW state, and the rest (activations, workspace, scratch); lean cells also report the
+pinned host RAM they use (the embedding table plus one step's offloaded checkpoint inputs). With OUT set
+everything goes to ``$OUT/memory.json``. ``--tiny`` runs the same on the CPU with a small config.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from train_step import (  # noqa: E402 - the benchmark's own helpers, next to th
 
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE  # noqa: E402
 from osstune.models.gpt_oss.mxfp4_experts import EXPERT_STACKS, Mxfp4Experts  # noqa: E402
-from osstune.models.loading import resolve_attn_impl  # noqa: E402
+from osstune.models.host_embedding import HostEmbedding, offload_input_embeddings  # noqa: E402
+from osstune.models.loading import limit_dense_experts, resolve_attn_impl  # noqa: E402
 from osstune.models.lora import LoraSpec, apply_lora  # noqa: E402
 from osstune.train.checkpointing import apply_checkpointing, plan_checkpointing  # noqa: E402
 
@@ -79,6 +83,8 @@ class MemoryCell:
         breakdown_gib: expert weights, other weights, LoRA state (parameters, gradients, AdamW moments) and the
             rest of the peak.
         loss: first and last step's loss.
+        host_gib: pinned host RAM of the lean setting: the input embedding table plus the checkpoint inputs one
+            step offloads (None for other cells, or when the steps did not all run).
     """
 
     name: str
@@ -89,6 +95,7 @@ class MemoryCell:
     peak_gib: float | None = None
     breakdown_gib: dict[str, float] = field(default_factory=dict)
     loss: tuple[float | None, float | None] = (None, None)
+    host_gib: float | None = None
 
 
 def gpt_oss_120b(config: GptOssConfig) -> GptOssConfig:
@@ -166,8 +173,21 @@ def densify_experts(model: Any) -> None:
         del packed, gate_up, down
 
 
+def restore_input_embeddings(model: Any, device: torch.device) -> None:
+    """Put a host-RAM input embedding (``offload_input_embeddings``) back on ``device`` as a plain ``nn.Embedding``.
+
+    Args:
+        model: the base model (unwrapped).
+        device: where the table goes.
+    """
+    host = model.get_input_embeddings()
+    if isinstance(host, HostEmbedding):
+        table = host.weight.detach().to(device)
+        model.set_input_embeddings(nn.Embedding.from_pretrained(table, freeze=True, padding_idx=host.padding_idx))
+
+
 def breakdown(model: Any, peak_gib: float | None) -> dict[str, float]:
-    """Where the peak goes: expert weights, other weights, LoRA state, and the rest.
+    """Where the peak goes: expert weights, other weights (on the device), LoRA state, and the rest.
 
     Args:
         model: the PEFT-wrapped model.
@@ -176,7 +196,7 @@ def breakdown(model: Any, peak_gib: float | None) -> dict[str, float]:
     experts = other = lora = 0
     for module in model.modules():
         for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is None:
+            if tensor is None or isinstance(module, HostEmbedding):
                 continue
             size = tensor.untyped_storage().nbytes() if tensor.numel() else 0
             if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
@@ -202,26 +222,38 @@ def run_cell(name: str, model: Any, setup: Setup, length: int, options: Options,
         length: tokens of the single sequence.
         options: step counts.
         seed: seed of the token ids.
-        lean: the memory-lean setting: MXFP4 experts dequantised ``LEAN_DENSE_EXPERTS`` at a time and every
-            layer checkpointed with its input in host RAM (``--offload_activations true``); otherwise the whole
-            layer's experts are dequantised at once and every layer is checkpointed on the device.
+        lean: the memory-lean setting (``--dequant_experts 4 --offload_activations true --offload_embeddings
+            true``): MXFP4 experts dequantised ``LEAN_DENSE_EXPERTS`` at a time, every layer checkpointed with its
+            input in host RAM, the input embedding table in host RAM (on the device again afterwards); otherwise the
+            whole layer's experts are dequantised at once and every layer is checkpointed on the device.
     """
     model.set_attn_implementation(resolve_attn_impl(None, gpt_oss=True, device=setup.device))
+    table_bytes = 0
+    if lean:
+        table = offload_input_embeddings(model).weight
+        table_bytes = table.numel() * table.element_size()
+        gc.collect()
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()
     peft_model = apply_lora(model, LoraSpec(rank=8, alpha=16, dropout=0.0))
     layers = model.config.num_hidden_layers
     plan = plan_checkpointing("true", num_layers=layers, free_bytes=None, layer_bytes_full=[0] * layers,
                               layer_bytes_checkpointed=[0] * layers, reserve_bytes=0, offload=lean)
-    apply_checkpointing(peft_model, plan)
-    for module in model.modules():
-        if isinstance(module, Mxfp4Experts):
-            module.max_dense_experts = LEAN_DENSE_EXPERTS if lean else None
+    offload = apply_checkpointing(peft_model, plan)
+    if any(isinstance(module, Mxfp4Experts) for module in model.modules()):
+        limit_dense_experts(model, LEAN_DENSE_EXPERTS if lean else 0)
     scenario = fixed_scenario(1, length, setup, torch.Generator().manual_seed(seed))
     linear_ce, _ = linear_cross_entropy(setup.device.type != "cuda", True)
     cell = measure(peft_model, name, scenario, True, linear_ce, "", setup, options)
+    steps = options.warmup + len(cell.step_s)
+    host_gib = None
+    if offload is not None and cell.status == "ok" and steps:
+        host_gib = round((table_bytes + offload.bytes / steps) / 2**30, 2)
     result = MemoryCell(name, cell.status, cell.tokens, cell.median_step_s, cell.tokens_per_s, cell.peak_gib,
-                        breakdown(peft_model, cell.peak_gib), (cell.first_loss, cell.loss))
+                        breakdown(peft_model, cell.peak_gib), (cell.first_loss, cell.loss), host_gib)
     peft_model.unload()
     del peft_model
+    restore_input_embeddings(model, setup.device)
     gc.collect()
     if setup.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -238,7 +270,8 @@ def report(cell: MemoryCell, cells: list[MemoryCell], out_dir: str | None) -> No
     """
     rate = f"{cell.tokens_per_s:,.0f}" if cell.tokens_per_s else "-"
     peak = f"{cell.peak_gib:.2f}" if cell.peak_gib is not None else "-"
-    print(f"| {cell.name} | {cell.status} | {cell.tokens:,} | {rate} | {peak} | "
+    host = f"{cell.host_gib:.2f}" if cell.host_gib is not None else "-"
+    print(f"| {cell.name} | {cell.status} | {cell.tokens:,} | {rate} | {peak} | {host} | "
           f"{', '.join(f'{key} {value}' for key, value in cell.breakdown_gib.items())} |", flush=True)
     if out_dir:
         path = Path(out_dir) / "memory.json"
@@ -282,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(args.warmup, args.steps, 120.0)
     out_dir = os.environ.get("OUT")
     cells: list[MemoryCell] = []
-    print("| cell | status | tokens | tokens/s | peak GiB | breakdown GiB |\n|---|---|---:|---:|---:|---|", flush=True)
+    print("| cell | status | tokens | tokens/s | peak GiB | host GiB | breakdown GiB |\n"
+          "|---|---|---:|---:|---:|---:|---|", flush=True)
 
     def done(cell: MemoryCell) -> None:
         cells.append(cell)

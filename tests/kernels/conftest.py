@@ -44,3 +44,9 @@ def swiglu_kernels() -> Iterator[ModuleType]:
 def mxfp4_kernels() -> Iterator[ModuleType]:
     """``osstune.kernels.mxfp4`` running in the interpreter."""
     yield from interpreted_module("osstune.kernels.mxfp4")
+
+
+@pytest.fixture(scope="module")
+def moe_kernels() -> Iterator[ModuleType]:
+    """``osstune.kernels.moe_triton`` running in the interpreter (what ``use_triton=True`` uses)."""
+    yield from interpreted_module("osstune.kernels.moe_triton")

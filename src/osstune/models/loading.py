@@ -4,6 +4,9 @@ gpt-oss MXFP4 checkpoints are dequantised on load (``Mxfp4Config(dequantize=True
 with ``expert_weights="mxfp4"``, keep their experts as MXFP4 (``osstune.models.gpt_oss.mxfp4_experts``);
 attention is ``flex_attention`` on CUDA and ``eager`` on CPU, the two transformers implementations that apply
 gpt-oss's attention sinks. Other models load through ``AutoModelForCausalLM`` with sdpa attention.
+
+Two memory-lean options for training: ``offload_embeddings`` keeps the input embedding table in host RAM
+(``osstune.models.host_embedding``), and ``dequant_experts`` bounds how many MXFP4 experts are dense at a time.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class LoadedModel:
         device: where the weights are.
         expert_weights: ``mxfp4`` when the gpt-oss experts stayed MXFP4 (``Mxfp4Experts``), else ``bf16`` (dense
             in ``dtype``).
+        offload_embeddings: whether the input embedding table is in host RAM (``HostEmbedding``).
+        dequant_experts: MXFP4 experts dequantised at a time in each layer (0: a whole layer at once).
     """
 
     model: Any
@@ -72,6 +77,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     expert_weights: str = "bf16"
+    offload_embeddings: bool = False
+    dequant_experts: int = 0
 
 
 def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
@@ -191,6 +198,8 @@ def load_model(
     console: Console | None = None,
     expert_weights: str = "bf16",
     compute_device: str | None = None,
+    offload_embeddings: bool = False,
+    dequant_experts: int = 0,
 ) -> LoadedModel:
     """Load a local causal LM and its tokenizer, printing the memory need and a one-line summary.
 
@@ -205,13 +214,19 @@ def load_model(
             dense weights would not fit in the free memory of ``device``.
         compute_device: where the model will run when that is not ``device`` (ZeRO-3 and FSDP load on the CPU
             and shard onto the GPUs); the attention implementation is chosen for it.
+        offload_embeddings: keep the input embedding table in host RAM and send only the rows of each batch to
+            ``device`` (``osstune.models.host_embedding.offload_input_embeddings``); for training, with the
+            embedding frozen.
+        dequant_experts: with MXFP4 experts, dequantise at most this many experts of a layer at a time
+            (``limit_dense_experts``); 0 dequantises a whole layer at once. See ``check_dequant_experts``.
 
     Returns:
         The model in eval mode, its tokenizer and what was decided.
 
     Raises:
         OsstuneError: a missing folder, config, tokenizer or weight file, an unknown dtype or device, an attention
-            implementation gpt-oss cannot use, or a checkpoint transformers refuses.
+            implementation gpt-oss cannot use, a checkpoint transformers refuses, ``dequant_experts`` without
+            MXFP4 experts, or an input embedding that cannot be kept in host RAM.
     """
     console = console or Console(stderr=True)
     model_dir = resolve_model_dir(str(model)).resolve()
@@ -223,11 +238,20 @@ def load_model(
     runs_on = resolve_device(compute_device) if compute_device else target
     attn = resolve_attn_impl(attn_impl, gpt_oss=gpt_oss, device=runs_on)
     tokenizer = load_tokenizer(model_dir)
+    if offload_embeddings and runs_on.type != target.type:
+        raise OsstuneError(f"--offload_embeddings true: the model loads on {target} to run on {runs_on} (ZeRO-3 or "
+                           "FSDP place the weights themselves); the host-RAM embedding needs the model loaded where "
+                           "it runs. Use --offload_embeddings false.")
     if not gpt_oss:
         _say(console, f"generic path: {config.get('model_type', 'unknown model type')}; "
                       "harmony-specific features are off")
     _report_memory(console, config, dtype, target)
+    check_dequant_experts(dequant_experts, expert_weights)
     experts = resolve_expert_weights(expert_weights, config, dtype, target, console)
+    if dequant_experts and experts != "mxfp4":
+        _say(console, f"--dequant_experts {dequant_experts} does not apply: --expert_weights auto dequantised the "
+                      "experts on load")
+        dequant_experts = 0
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn, "device_map": {"": target}}
     if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
@@ -253,6 +277,15 @@ def load_model(
     dtype_name = str(dtype).removeprefix("torch.")
     _say(console, f"loaded {model_dir}: dtype {dtype_name}, attn {attn}, {_format_count(params)} params, "
                   f"{target}, {seconds:.1f}s" + (", experts kept as MXFP4" if experts == "mxfp4" else ""))
+    if dequant_experts:
+        layers = limit_dense_experts(loaded, dequant_experts)
+        _say(console, f"MXFP4 experts dequantised {dequant_experts} at a time in each of {layers} layers")
+    if offload_embeddings:
+        from osstune.models.host_embedding import offload_input_embeddings
+
+        table = offload_input_embeddings(loaded).weight
+        _say(console, f"input embedding ({format_bytes(table.numel() * table.element_size())}) kept in host RAM; "
+                      f"only each batch's rows go to {target}")
     return LoadedModel(
         model=loaded.eval(),
         tokenizer=tokenizer,
@@ -263,7 +296,54 @@ def load_model(
         dtype=dtype,
         device=target,
         expert_weights=experts,
+        offload_embeddings=offload_embeddings,
+        dequant_experts=dequant_experts,
     )
+
+
+def check_dequant_experts(dequant_experts: int, expert_weights: str) -> None:
+    """Reject a ``--dequant_experts`` that cannot apply, before anything is loaded.
+
+    Args:
+        dequant_experts: MXFP4 experts dequantised at a time (0: a whole layer).
+        expert_weights: the requested ``--expert_weights`` (``auto`` may still pick MXFP4, so it is accepted).
+
+    Raises:
+        OsstuneError: a negative count, or a positive one with ``--expert_weights bf16`` (nothing to dequantise).
+    """
+    if dequant_experts < 0:
+        raise OsstuneError(f"--dequant_experts {dequant_experts}: give a number of experts (at least 1), or 0 to "
+                           "dequantise a whole layer at once.")
+    if dequant_experts and expert_weights == "bf16":
+        raise OsstuneError(f"--dequant_experts {dequant_experts} bounds the on-the-fly dequantisation of experts "
+                           "kept as MXFP4, but --expert_weights bf16 dequantises them all on load. Add "
+                           "--expert_weights mxfp4, or leave --dequant_experts at 0.")
+
+
+def limit_dense_experts(model: Any, count: int) -> int:
+    """Dequantise at most ``count`` MXFP4 experts of a layer at a time (``Mxfp4Experts.max_dense_experts``).
+
+    Args:
+        model: a model loaded with ``expert_weights="mxfp4"`` (PEFT-wrapped or not).
+        count: experts per dequantisation; 0 dequantises a whole layer at once.
+
+    Returns:
+        How many expert layers were set.
+
+    Raises:
+        OsstuneError: a negative count, or a model without MXFP4 experts.
+    """
+    from osstune.models.gpt_oss.mxfp4_experts import Mxfp4Experts
+
+    if count < 0:
+        raise OsstuneError(f"--dequant_experts {count}: give a number of experts (at least 1), or 0.")
+    layers = [module for module in model.modules() if isinstance(module, Mxfp4Experts)]
+    if not layers:
+        raise OsstuneError(f"--dequant_experts {count}: the model holds no MXFP4 experts; load it with "
+                           "--expert_weights mxfp4.")
+    for experts in layers:
+        experts.max_dense_experts = count or None
+    return len(layers)
 
 
 def resolve_expert_weights(

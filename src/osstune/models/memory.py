@@ -193,15 +193,18 @@ class ModelCounts:
     """Parameter counts of the model being trained (from a model built on the meta device: no weights read).
 
     Args:
-        frozen: parameters of the base model, which are not trained.
+        frozen: parameters of the base model on the device, which are not trained.
         trainable: LoRA (and ``modules_to_save``) parameters.
         largest_unit: parameters of the largest piece that weight sharding gathers at once: a decoder layer, the
             embedding or the output head.
+        host: frozen parameters kept in host RAM instead (the input embedding with ``--offload_embeddings``);
+            not part of ``frozen``, and not counted by the per-GPU estimate.
     """
 
     frozen: int
     trainable: int
     largest_unit: int
+    host: int = 0
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,10 @@ class LoadArgs:
     expert_weights: str = flag("bf16", "gpt-oss MXFP4 experts: bf16 dequantises them on load, mxfp4 keeps them as "
                                "MXFP4 and dequantises on the fly, auto picks mxfp4 when bf16 would not fit.",
                                choices=("mxfp4", "bf16", "auto"))
+    offload_embeddings: bool = flag(False, "Keep the frozen input embedding table in pinned host RAM; each step "
+                                    "gathers its tokens' rows on the CPU and sends only those to the GPU.")
+    dequant_experts: int = flag(0, "With --expert_weights mxfp4: dequantise at most N experts of a layer at a time "
+                                "(a smaller scratch, one host sync per expert matmul); 0 = a whole layer at once.")
 
 
 @dataclass

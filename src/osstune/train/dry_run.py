@@ -105,10 +105,10 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
     from osstune.data.pipeline import prepare_dataset
     from osstune.data.report import report_table
     from osstune.errors import OsstuneError
-    from osstune.models.loading import resolve_dtype
+    from osstune.models.loading import check_dequant_experts, resolve_dtype
     from osstune.models.local import is_gpt_oss, load_tokenizer, read_model_config, resolve_model_dir
     from osstune.train.dataset import PackedDataset
-    from osstune.train.sft import lora_spec
+    from osstune.train.sft import check_embedding_offload, lora_spec
 
     console = console or Console()
     if cfg.train.fsdp and cfg.train.deepspeed:
@@ -117,13 +117,16 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
     config = read_model_config(model_dir)
     dtype = resolve_dtype(cfg.load.torch_dtype, config)
     engine = training_engine(cfg.train)
+    check_dequant_experts(cfg.load.dequant_experts, cfg.load.expert_weights)
+    if cfg.load.offload_embeddings:
+        check_embedding_offload(cfg.train)
     world = world_size or planned_world_size()
     if not cfg.data.dataset:
         raise OsstuneError("--dataset is required: give one or more files, folders or dataset names.")
     if cfg.data.packing and not cfg.data.max_length:
         raise OsstuneError("--packing true needs --max_length: packed rows are at most that many tokens.")
     counts, layout = count_model(AutoConfig.from_pretrained(str(model_dir), local_files_only=True), dtype,
-                                 lora_spec(cfg.lora))
+                                 lora_spec(cfg.lora), host_embedding=cfg.load.offload_embeddings)
     tokenizer = load_tokenizer(model_dir)
     prepared = prepare_dataset(cfg.data, cfg.template.render_options(), tokenizer, show_progress=False)
     console.print(report_table(prepared.report))
@@ -223,16 +226,20 @@ def planned_world_size() -> int:
     return plan.world_size if plan is not None else rank_info().world_size
 
 
-def count_model(config: Any, dtype: torch.dtype, spec: Any) -> tuple[ModelCounts, LoraLayout]:
+def count_model(config: Any, dtype: torch.dtype, spec: Any, *,
+                host_embedding: bool = False) -> tuple[ModelCounts, LoraLayout]:
     """Count a model's parameters and locate its LoRA, on the meta device (no memory, no weights read).
 
     Args:
         config: the ``transformers`` config of the model.
         dtype: the weights' dtype.
         spec: the :class:`~osstune.models.lora.LoraSpec`.
+        host_embedding: the input embedding table stays in host RAM (``--offload_embeddings true``): its
+            parameters count as ``host``, not as ``frozen`` device weights.
     """
     from transformers import AutoModelForCausalLM
 
+    from osstune.models.host_embedding import offloadable_embedding
     from osstune.models.lora import apply_lora
 
     with torch.device("meta"):
@@ -240,10 +247,11 @@ def count_model(config: Any, dtype: torch.dtype, spec: Any) -> tuple[ModelCounts
     units = [module for module in base.modules() if type(module).__name__ in (base._no_split_modules or [])]
     units += [m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None]
     largest = max((sum(p.numel() for p in unit.parameters()) for unit in units), default=0)
+    host = offloadable_embedding(base).weight.numel() if host_embedding else 0
     model = apply_lora(base, spec, console=Console(quiet=True))
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - host
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ModelCounts(frozen=frozen, trainable=trainable, largest_unit=largest), lora_layout(model)
+    return ModelCounts(frozen=frozen, trainable=trainable, largest_unit=largest, host=host), lora_layout(model)
 
 
 def lora_layout(model: Any) -> LoraLayout:
@@ -286,6 +294,9 @@ def plan_tables(plan: DryRunPlan) -> list[Any]:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("model", f"{plan.model_type}, {plan.counts.frozen:,} frozen params ({dtype})")
+    if plan.counts.host:
+        summary.add_row("host RAM", f"input embedding, {plan.counts.host:,} params "
+                                    f"({format_bytes(plan.counts.host * plan.dtype.itemsize)})")
     summary.add_row("LoRA", f"r={plan.lora.rank}: {plan.counts.trainable:,} trainable params")
     summary.add_row("processes", f"{plan.world_size} ({plan.engine})")
     summary.add_row("effective batch", f"{plan.effective_batch} = {plan.shape.micro_batch} per device x "

@@ -101,8 +101,6 @@ def run(groups: dict[type, Any]) -> int:
                                    f"(world size {plan.world_size}): {shlex.join(torchrun_command(arguments))}",
                                    markup=False, highlight=False, soft_wrap=True)
         return relaunch(arguments)
-    if cfg.train.deepspeed:
-        single_process_rendezvous()
     info = rank_info()
     result = train(cfg)
     if info.distributed:
@@ -144,9 +142,13 @@ def _check_flags(cfg: SftConfig, world_size: int = 1) -> None:
         raise OsstuneError("--dataset is required: give one or more files, folders or dataset names.")
     if cfg.train.fsdp and cfg.train.deepspeed:
         raise OsstuneError("--fsdp and --deepspeed are two ways to shard training; choose one.")
+    from osstune.models.loading import check_dequant_experts
     from osstune.train.checkpointing import check_offload
 
     check_offload(cfg.train.gradient_checkpointing, cfg.train.offload_activations)
+    check_dequant_experts(cfg.load.dequant_experts, cfg.load.expert_weights)
+    if cfg.load.offload_embeddings:
+        check_embedding_offload(cfg.train)
     if fsdp_config(cfg.train.fsdp) is not None:
         _check_fsdp(world_size)
     _check_deepspeed(cfg.train.deepspeed)
@@ -165,6 +167,20 @@ def _check_flags(cfg: SftConfig, world_size: int = 1) -> None:
                            "'{\"min_lr_rate\": 0.1}' (or min_lr).")
     if cfg.train.resume_from_checkpoint and not Path(cfg.train.resume_from_checkpoint).is_dir():
         raise OsstuneError(f"--resume_from_checkpoint {cfg.train.resume_from_checkpoint}: no such checkpoint folder.")
+
+
+def check_embedding_offload(training: TrainArgs) -> None:
+    """A host-RAM input embedding (``--offload_embeddings true``) trains on one device per process, under DDP at most.
+
+    Args:
+        training: the training flags (``--deepspeed``, ``--fsdp``).
+
+    Raises:
+        OsstuneError: DeepSpeed or FSDP, which place and shard every parameter themselves.
+    """
+    if sharded_engine(training):
+        raise OsstuneError("--offload_embeddings true cannot be combined with --deepspeed or --fsdp: they place and "
+                           "shard every weight themselves (the embedding included). Use --offload_embeddings false.")
 
 
 def _check_deepspeed(value: str | None) -> None:
@@ -453,7 +469,8 @@ def train(cfg: SftConfig, console: Console | None = None) -> TrainResult:
 
     loaded = load_model(cfg.load.model, torch_dtype=cfg.load.torch_dtype, attn_impl=cfg.load.attn_impl,
                         device=load_device(cfg.train, info), console=console, expert_weights=cfg.load.expert_weights,
-                        compute_device="cuda" if torch.cuda.is_available() else None)
+                        compute_device="cuda" if torch.cuda.is_available() else None,
+                        offload_embeddings=cfg.load.offload_embeddings, dequant_experts=cfg.load.dequant_experts)
     with local_main_first(info) as first:  # one process per node fills the dataset cache, the others read it
         data_args = cfg.data if first else dataclasses.replace(cfg.data, load_from_cache_file=True)
         prepared = prepare_dataset(data_args, cfg.template.render_options(), loaded.tokenizer,
@@ -521,6 +538,9 @@ def fit(
     if fsdp_config(training.fsdp) is not None:
         _check_fsdp(info.world_size)
     _check_deepspeed(training.deepspeed)
+    if training.deepspeed:
+        single_process_rendezvous()  # DeepSpeed starts a process group even alone; it probes MPI without these
+    _exclude_host_embeddings(model, training)
     if deepspeed_stage(training.deepspeed) == 3:
         import deepspeed
 
@@ -586,6 +606,31 @@ def fit(
     return TrainResult(run_dir, last, exit_code, trainer.state.global_step)
 
 
+def _exclude_host_embeddings(model: Any, training: TrainArgs) -> None:
+    """Keep host-RAM embedding tables (``--offload_embeddings true``) frozen and out of DDP's reach.
+
+    DDP wants every parameter on the device it replicates and broadcasts them all at start; the frozen tables are
+    identical in every process (loaded from the same checkpoint), so they are registered as parameters DDP ignores.
+
+    Args:
+        model: the PEFT model.
+        training: the training flags.
+
+    Raises:
+        OsstuneError: a trained table, or DeepSpeed/FSDP (see :func:`check_embedding_offload`).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from osstune.models.host_embedding import frozen_host_embeddings
+
+    names = frozen_host_embeddings(model)
+    if not names:
+        return
+    check_embedding_offload(training)
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [*ignored, *names])
+
+
 def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDataArgs, *, fused_loss: bool,
                     console: Console) -> CheckpointPlan:
     """The activation checkpointing plan of a run (:class:`~osstune.train.checkpointing.CheckpointPlan`) for
@@ -603,11 +648,13 @@ def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDa
         fused_loss: the loss never materialises the logits (liger).
         console: where the fallback under DeepSpeed/FSDP is explained.
     """
+    from osstune.models.host_embedding import input_device
     from osstune.models.memory import ModelCounts, TrainingShape, estimate_training_memory
     from osstune.train.checkpointing import SHARDED_AUTO_NOTE, device_memory, plan_for_shape
     from osstune.train.dry_run import lora_layout
 
     weight = model.get_input_embeddings().weight
+    device = input_device(model)
     config = model.config.to_dict()
     seq_len = data_args.max_length if data_args.packing else max(len(ids) for ids in data.train.input_ids)
     shape = TrainingShape(micro_batch=training.per_device_train_batch_size, seq_len=seq_len, checkpointing=True,
@@ -620,7 +667,7 @@ def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDa
     if sharded and training.gradient_checkpointing == "auto":
         console.print(SHARDED_AUTO_NOTE, markup=False, highlight=False, soft_wrap=True)
     return plan_for_shape(training.gradient_checkpointing, config=config, lora=layout, shape=shape,
-                          dtype_bytes=weight.dtype.itemsize, memory=None if sharded else device_memory(weight.device),
+                          dtype_bytes=weight.dtype.itemsize, memory=None if sharded else device_memory(device),
                           reserve_bytes=coming.gradients + coming.optimizer + coming.logits,
                           offload=training.offload_activations)
 

@@ -7,6 +7,9 @@ The (token, expert) pairs are sorted by expert once per layer; every projection 
 contiguous row blocks (``torch.nn.functional.grouped_mm`` on CUDA), or, where that kernel does not apply (CPU,
 float32, unaligned widths), a loop over the experts' row blocks that computes the same function. The LoRA update
 is never added to the expert weights: for expert e, ``y = x @ W[e] + b[e] + scaling * (x @ A[e]) @ B[e]``.
+The elementwise work between the matmuls is fused (``osstune.kernels.moe``): the gate/up bias and LoRA update are
+added inside the activation's pass, and the down bias, routing weights and sum over each token's experts are one
+pass that gathers the token's rows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from osstune.kernels.moe import combine_experts, gate_activation
+from osstune.kernels.swiglu import clamp_swiglu
 
 GROUPED_MM_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 """Dtypes for which the CUDA grouped matmul kernel is used."""
@@ -161,6 +167,55 @@ def pad_rank(factors: LoraFactors, multiple: int) -> LoraFactors:
     )
 
 
+def expert_matmul(
+    x_SI: torch.Tensor, w_EIO: torch.Tensor | ExpertWeights, routing: ExpertRouting, grouped: bool
+) -> torch.Tensor:
+    """The base product ``x @ W[e]`` of each row with its expert's weight.
+
+    Args:
+        x_SI: rows sorted by expert, [S, I], in the dtype of ``w_EIO``.
+        w_EIO: expert weights, [E, I, O], dense or an ``ExpertWeights`` (which then multiplies itself).
+        routing: the sorted pairs the rows belong to.
+        grouped: use the grouped matmul kernel (see ``grouped_matmul``).
+
+    Returns:
+        The products, [S, O], a new tensor that no autograd node keeps (callers may modify it in place).
+    """
+    if isinstance(w_EIO, torch.Tensor):
+        return grouped_matmul(x_SI, w_EIO, routing.ends_E, grouped)
+    return w_EIO.matmul(x_SI, routing.ends_E, grouped)
+
+
+def lora_product(
+    x_SI: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting, loras: Sequence[LoraFactors], grouped: bool
+) -> torch.Tensor | None:
+    """The LoRA updates of one projection, ``sum over loras of scaling * (x @ A[e]) @ B[e]``.
+
+    Args:
+        x_SI: rows sorted by expert, [S, I].
+        dtype: the projection's compute dtype; the factors are cast to it.
+        routing: the sorted pairs the rows belong to.
+        loras: the LoRA updates (one per active adapter).
+        grouped: use the grouped matmul kernel (see ``grouped_matmul``); the LoRA rank is then zero-padded to the
+            kernel's alignment.
+
+    Returns:
+        The summed updates, [S, O], or None without LoRA.
+    """
+    total_SO: torch.Tensor | None = None
+    for factors in loras:
+        factors = LoraFactors(
+            a_EIR=factors.a_EIR.to(dtype), b_ERO=factors.b_ERO.to(dtype).contiguous(), scaling=factors.scaling
+        )
+        if grouped:
+            factors = pad_rank(factors, GROUPED_MM_ALIGN_BYTES // dtype.itemsize)
+        mid_SR = grouped_matmul(x_SI, factors.a_EIR, routing.ends_E, grouped) * factors.scaling
+        update_SO = grouped_matmul(mid_SR, factors.b_ERO, routing.ends_E, grouped)
+        # In-place adds are safe: no matmul keeps its output for the backward pass.
+        total_SO = update_SO if total_SO is None else total_SO.add_(update_SO)
+    return total_SO
+
+
 def expert_linear(
     x_SI: torch.Tensor,
     w_EIO: torch.Tensor | ExpertWeights,
@@ -185,23 +240,37 @@ def expert_linear(
         The projected rows, [S, O].
     """
     # In-place adds are safe: no matmul keeps its output for the backward pass.
-    if isinstance(w_EIO, torch.Tensor):
-        out_SO = grouped_matmul(x_SI, w_EIO, routing.ends_E, grouped)
-    else:
-        out_SO = w_EIO.matmul(x_SI, routing.ends_E, grouped)
+    out_SO = expert_matmul(x_SI, w_EIO, routing, grouped)
     if bias_EO is not None:
         out_SO.add_(bias_EO.index_select(0, routing.expert_S))
-    for factors in loras:
-        factors = LoraFactors(
-            a_EIR=factors.a_EIR.to(w_EIO.dtype),
-            b_ERO=factors.b_ERO.to(w_EIO.dtype).contiguous(),
-            scaling=factors.scaling,
-        )
-        if grouped:
-            factors = pad_rank(factors, GROUPED_MM_ALIGN_BYTES // w_EIO.dtype.itemsize)
-        mid_SR = grouped_matmul(x_SI, factors.a_EIR, routing.ends_E, grouped) * factors.scaling
-        out_SO.add_(grouped_matmul(mid_SR, factors.b_ERO, routing.ends_E, grouped))
+    update_SO = lora_product(x_SI, w_EIO.dtype, routing, loras, grouped)
+    if update_SO is not None:
+        out_SO.add_(update_SO)
     return out_SO
+
+
+@dataclass(frozen=True)
+class ClampSwiGLUGate:
+    """gpt-oss's clamped SwiGLU as the ``apply_gate`` of ``experts_forward``, which then runs it fused.
+
+    Called on its own it is ``clamp_swiglu``; given to ``experts_forward`` it makes the gate/up bias and LoRA
+    additions and the activation one pass (``osstune.kernels.moe.gate_activation``).
+
+    Args:
+        alpha: sigmoid scale of the gate (``GptOssExperts.alpha``, 1.702 for gpt-oss).
+        limit: clamp limit (``GptOssExperts.limit``, 7.0 for gpt-oss).
+    """
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up_SF: torch.Tensor) -> torch.Tensor:
+        """The activation ``[..., F] -> [..., F / 2]`` (see ``clamp_swiglu``).
+
+        Args:
+            gate_up_SF: the gate/up projection, gate and up columns interleaved.
+        """
+        return clamp_swiglu(gate_up_SF, alpha=self.alpha, limit=self.limit)
 
 
 def experts_forward(
@@ -220,6 +289,11 @@ def experts_forward(
 ) -> torch.Tensor:
     """The mixture of experts of one gpt-oss layer, with optional LoRA updates on both projections.
 
+    With a ``ClampSwiGLUGate`` as ``apply_gate``, the gate/up bias and LoRA update are added and the activation
+    computed in one fused pass (``gate_activation``); any other ``apply_gate`` gets the full projection, bias and
+    LoRA included. Either way the down projection's bias, the routing weights and the sum over each token's experts
+    are one fused pass (``combine_experts``).
+
     Args:
         hidden_TH: token states, [T, H].
         router_indices_TK: experts chosen per token, [T, K].
@@ -229,7 +303,8 @@ def experts_forward(
         gate_up_bias_EF: gate/up biases, [E, F], or None.
         down_EIH: down weights, [E, intermediate, H], dense or an ``ExpertWeights``.
         down_bias_EH: down biases, [E, H], or None.
-        apply_gate: the activation, [S, F] -> [S, intermediate] (``GptOssExperts._apply_gate``).
+        apply_gate: the activation, [S, F] -> [S, intermediate]: a ``ClampSwiGLUGate`` (fused), or any function
+            (e.g. ``GptOssExperts._apply_gate``).
         gate_up_loras: LoRA updates of ``gate_up_EHF``.
         down_loras: LoRA updates of ``down_EIH``.
         grouped: force (True) or forbid (False) the grouped matmul kernel; None uses it where it applies
@@ -244,12 +319,25 @@ def experts_forward(
     x_SH = hidden_TH.to(gate_up_EHF.dtype).index_select(0, routing.token_S)
     if grouped is None:
         grouped = grouped_mm_applies(x_SH, gate_up_EHF) and grouped_mm_applies(x_SH, down_EIH)
-    gate_up_SF = expert_linear(x_SH, gate_up_EHF, gate_up_bias_EF, routing, gate_up_loras, grouped)
-    act_SI = apply_gate(gate_up_SF)
-    out_SH = expert_linear(act_SI, down_EIH, down_bias_EH, routing, down_loras, grouped)
-    weights_S = routing_weights_TK.reshape(-1).index_select(0, routing.pair_S).to(out_SH.dtype)
-    weighted_SH = out_SH * weights_S[:, None]
-    pairs_SH = torch.zeros_like(weighted_SH).index_copy(0, routing.pair_S, weighted_SH)
-    accumulate = torch.promote_types(pairs_SH.dtype, torch.float32)
-    summed_TH = pairs_SH.view(num_tokens, top_k, -1).sum(dim=1, dtype=accumulate)
-    return summed_TH.to(hidden_TH.dtype)
+    if isinstance(apply_gate, ClampSwiGLUGate):
+        act_SI = gate_activation(
+            expert_matmul(x_SH, gate_up_EHF, routing, grouped),
+            lora_product(x_SH, gate_up_EHF.dtype, routing, gate_up_loras, grouped),
+            gate_up_bias_EF,
+            routing.expert_S,
+            alpha=apply_gate.alpha,
+            limit=apply_gate.limit,
+        )
+    else:
+        act_SI = apply_gate(expert_linear(x_SH, gate_up_EHF, gate_up_bias_EF, routing, gate_up_loras, grouped))
+    down_SH = expert_linear(act_SI, down_EIH, None, routing, down_loras, grouped)
+    return combine_experts(
+        down_SH,
+        down_bias_EH,
+        routing.expert_S,
+        routing.pair_S,
+        routing_weights_TK,
+        num_tokens,
+        top_k,
+        out_dtype=hidden_TH.dtype,
+    )

@@ -14,7 +14,6 @@ Saving stays ``model.save_pretrained``, loading stays ``PeftModel.from_pretraine
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import partial
 from typing import Literal
 
 import torch
@@ -24,8 +23,7 @@ from transformers import PreTrainedConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.errors import OsstuneError
-from osstune.kernels.swiglu import clamp_swiglu
-from osstune.models.gpt_oss.experts import LoraFactors, experts_forward
+from osstune.models.gpt_oss.experts import ClampSwiGLUGate, LoraFactors, experts_forward
 from osstune.models.gpt_oss.mxfp4_experts import Mxfp4Experts
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("gate_up_proj", "down_proj")
@@ -144,7 +142,7 @@ class GroupedExpertLoraForward:
             gate_up_bias_EF=experts.gate_up_proj_bias,
             down_EIH=down,
             down_bias_EH=experts.down_proj_bias,
-            apply_gate=partial(clamp_swiglu, alpha=experts.alpha, limit=experts.limit),
+            apply_gate=ClampSwiGLUGate(alpha=experts.alpha, limit=experts.limit),
             gate_up_loras=loras["gate_up_proj"],
             down_loras=loras["down_proj"],
         )

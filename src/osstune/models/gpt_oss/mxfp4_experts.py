@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,7 @@ from transformers import PreTrainedConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.errors import OsstuneError
-from osstune.kernels.swiglu import clamp_swiglu
-from osstune.models.gpt_oss.experts import experts_forward
+from osstune.models.gpt_oss.experts import ClampSwiGLUGate, experts_forward
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
 EXPERT_STACKS: tuple[str, ...] = ("gate_up_proj", "down_proj")
@@ -303,7 +301,7 @@ class Mxfp4Experts(GptOssExperts):
             gate_up_bias_EF=self.gate_up_proj_bias,
             down_EIH=down,
             down_bias_EH=self.down_proj_bias,
-            apply_gate=partial(clamp_swiglu, alpha=self.alpha, limit=self.limit),
+            apply_gate=ClampSwiGLUGate(alpha=self.alpha, limit=self.limit),
         )
 
 
