@@ -3,6 +3,7 @@ activation model against the tensors autograd really saves, and no weight file r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -72,6 +73,22 @@ def test_plan_counts_exactly_without_weights(weightless_dir: Path, data_file: Pa
     assert plan.engine == "ddp" and plan.world_size == 2
     assert plan.shape == TrainingShape(micro_batch=2, seq_len=108, checkpointing=True, attn_impl="flex_attention")
     assert plan.seq_source == "longest training sample"
+
+
+@pytest.mark.parametrize("dequant_experts", [0, 2])
+def test_mxfp4_experts_count_as_packed_codes(weightless_dir: Path, data_file: Path, dequant_experts: int) -> None:
+    dense = plan_training(sft_config(weightless_dir, data_file), world_size=1)
+    cfg = sft_config(weightless_dir, data_file)
+    cfg = dataclasses.replace(cfg, load=dataclasses.replace(cfg.load, expert_weights="mxfp4",
+                                                            dequant_experts=dequant_experts))
+    plan = plan_training(cfg, world_size=1)
+    stacks = 4 * (8 * 64 * 128 + 8 * 64 * 64)  # gate_up [E, H, 2I] and down [E, I, H] of 4 layers
+    largest = 8 * 64 * 128 * (dequant_experts or 8) // 8  # one layer's gate_up, or that many of its experts
+    assert plan.counts == ModelCounts(frozen=TINY_FROZEN - stacks, trainable=TINY_TRAINABLE,
+                                      largest_unit=3072 * 64, packed=stacks, scratch=largest)
+    assert plan.memory.weights == (TINY_FROZEN - stacks) * 4 + stacks * 17 // 32
+    assert plan.memory.gathered == largest * 4
+    assert dense.memory.total - plan.memory.total == stacks * 4 - stacks * 17 // 32 - largest * 4
 
 
 def test_memory_estimate_against_a_hand_computation(weightless_dir: Path, data_file: Path) -> None:

@@ -8,6 +8,7 @@ and AdamW state, activations counted tensor by tensor for the configured checkpo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,9 @@ ENGINES: tuple[str, ...] = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp", "f
 everything; ``zero2`` shards gradients and optimizer state; ``zero3`` and ``fsdp`` also shard the weights; the
 ``_offload`` variants keep weights, gradients and optimizer state in host RAM."""
 
+MXFP4_BYTES = 17 / 32
+"""Bytes per MXFP4 weight: half a byte of code plus one scale byte per block of 32."""
+
 ADAPTER_BYTES = 4
 """Bytes per LoRA parameter: PEFT keeps adapters in float32 under a bfloat16/float16 base."""
 
@@ -199,12 +203,18 @@ class ModelCounts:
             embedding or the output head.
         host: frozen parameters kept in host RAM instead (the input embedding with ``--offload_embeddings``);
             not part of ``frozen``, and not counted by the per-GPU estimate.
+        packed: frozen expert weights held as MXFP4 codes (``--expert_weights mxfp4``), ``MXFP4_BYTES`` each; not
+            part of ``frozen``.
+        scratch: expert weights dequantised at once from ``packed`` (one layer's largest stack, or
+            ``--dequant_experts`` experts of it), counted with the gathered layers.
     """
 
     frozen: int
     trainable: int
     largest_unit: int
     host: int = 0
+    packed: int = 0
+    scratch: int = 0
 
 
 @dataclass(frozen=True)
@@ -336,8 +346,8 @@ def estimate_training_memory(
 
     vocab = _size(config.get("text_config") or config, "vocab_size")
     return MemoryEstimate(
-        weights=share(counts.frozen * width, shards_weights),
-        gathered=2 * counts.largest_unit * width if shards_weights else 0,
+        weights=share(counts.frozen * width + math.ceil(counts.packed * MXFP4_BYTES), shards_weights),
+        gathered=(2 * counts.largest_unit * width if shards_weights else 0) + counts.scratch * width,
         lora=share(counts.trainable * ADAPTER_BYTES, shards_weights),
         gradients=share(counts.trainable * ADAPTER_BYTES, shards_state),
         optimizer=share(counts.trainable * ADAMW_BYTES, shards_state),

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from osstune.models.memory import (
     ATTENTION_PROJECTIONS,
+    MXFP4_BYTES,
     LoraLayout,
     MemoryEstimate,
     ModelCounts,
@@ -126,7 +127,9 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
     if cfg.data.packing and not cfg.data.max_length:
         raise OsstuneError("--packing true needs --max_length: packed rows are at most that many tokens.")
     counts, layout = count_model(AutoConfig.from_pretrained(str(model_dir), local_files_only=True), dtype,
-                                 lora_spec(cfg.lora), host_embedding=cfg.load.offload_embeddings)
+                                 lora_spec(cfg.lora), host_embedding=cfg.load.offload_embeddings,
+                                 mxfp4_experts=cfg.load.expert_weights == "mxfp4" and is_gpt_oss(config),
+                                 dequant_experts=cfg.load.dequant_experts)
     tokenizer = load_tokenizer(model_dir)
     prepared = prepare_dataset(cfg.data, cfg.template.render_options(), tokenizer, show_progress=False)
     console.print(report_table(prepared.report))
@@ -226,8 +229,8 @@ def planned_world_size() -> int:
     return plan.world_size if plan is not None else rank_info().world_size
 
 
-def count_model(config: Any, dtype: torch.dtype, spec: Any, *,
-                host_embedding: bool = False) -> tuple[ModelCounts, LoraLayout]:
+def count_model(config: Any, dtype: torch.dtype, spec: Any, *, host_embedding: bool = False,
+                mxfp4_experts: bool = False, dequant_experts: int = 0) -> tuple[ModelCounts, LoraLayout]:
     """Count a model's parameters and locate its LoRA, on the meta device (no memory, no weights read).
 
     Args:
@@ -236,6 +239,9 @@ def count_model(config: Any, dtype: torch.dtype, spec: Any, *,
         spec: the :class:`~osstune.models.lora.LoraSpec`.
         host_embedding: the input embedding table stays in host RAM (``--offload_embeddings true``): its
             parameters count as ``host``, not as ``frozen`` device weights.
+        mxfp4_experts: gpt-oss experts stay MXFP4 (``--expert_weights mxfp4``): their weight stacks count as
+            ``packed``, and one layer's largest stack (``dequant_experts`` experts of it when > 0) as ``scratch``.
+        dequant_experts: ``--dequant_experts``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -249,9 +255,19 @@ def count_model(config: Any, dtype: torch.dtype, spec: Any, *,
     largest = max((sum(p.numel() for p in unit.parameters()) for unit in units), default=0)
     host = offloadable_embedding(base).weight.numel() if host_embedding else 0
     model = apply_lora(base, spec, console=Console(quiet=True))
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - host
+    stacks = [param for name, param in base.named_parameters() if mxfp4_experts and param.dim() == 3
+              and ".experts." in name and name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj")]
+    packed = sum(param.numel() for param in stacks)
+    largest_stack = max(stacks, key=lambda param: param.numel(), default=None)
+    scratch = 0
+    if largest_stack is not None:
+        experts = largest_stack.shape[0]
+        scratch = largest_stack.numel() * min(dequant_experts or experts, experts) // experts
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) - host - packed
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ModelCounts(frozen=frozen, trainable=trainable, largest_unit=largest, host=host), lora_layout(model)
+    counts = ModelCounts(frozen=frozen, trainable=trainable, largest_unit=largest, host=host, packed=packed,
+                         scratch=scratch)
+    return counts, lora_layout(model)
 
 
 def lora_layout(model: Any) -> LoraLayout:
@@ -294,6 +310,10 @@ def plan_tables(plan: DryRunPlan) -> list[Any]:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("model", f"{plan.model_type}, {plan.counts.frozen:,} frozen params ({dtype})")
+    if plan.counts.packed:
+        summary.add_row("MXFP4 experts", f"{plan.counts.packed:,} params "
+                                         f"({format_bytes(math.ceil(plan.counts.packed * MXFP4_BYTES))}); "
+                                         f"{plan.counts.scratch:,} dequantised at once")
     if plan.counts.host:
         summary.add_row("host RAM", f"input embedding, {plan.counts.host:,} params "
                                     f"({format_bytes(plan.counts.host * plan.dtype.itemsize)})")
