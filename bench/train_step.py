@@ -10,10 +10,15 @@ nothing is downloaded. Each stack then wraps that model with PEFT, is timed, and
 - ``hf_best``: the best Hugging Face stack: flex_attention, grouped_mm experts, PEFT on all-linear plus the experts
   of all layers, liger's fused linear cross-entropy (the HF loss when liger is not importable).
 - ``osstune``: ``apply_lora(model, LoraSpec(rank=8, alpha=16, dropout=0.0))`` (attention plus the experts of all
-  layers on the grouped ``(X @ A) @ B`` forward), flex_attention, the same loss as ``hf_best``, and padding-free
-  packing (``PackingCollator`` + ``install_packed_attention_masks``) for the real-length mix.
+  layers on the grouped ``(X @ A) @ B`` forward with its fused kernels), the experts kept as MXFP4 blocks/scales
+  (``--expert_weights mxfp4``; the model's expert weights are rounded to MXFP4 values at build time, as gpt-oss
+  ships them, so every stack computes the same function), ``--gradient_checkpointing auto`` planned within
+  ``hf_best``'s peak on the same scenario, flex_attention, the same loss as ``hf_best``, and padding-free packing
+  (``PackingCollator`` + ``install_packed_attention_masks``) for the real-length mix. ``--osstune-variants`` adds
+  rows that change one of these (``VARIANTS``).
 
-All stacks: LoRA r=8, alpha 16, no dropout, activation checkpointing on (non-reentrant), bf16 weights. One step is
+All stacks: LoRA r=8, alpha 16, no dropout, bf16 weights; ``seed`` and ``hf_best`` checkpoint every layer
+(non-reentrant). One step is
 forward + backward + AdamW (fused on CUDA) over the LoRA parameters. Scenarios: ``4x2048`` random tokens; ``mix``,
 a real-length mix (lengths from a lognormal clipped to [32, 4096], mean about 1k, drawn with a fixed seed until
 16384 tokens), padded into micro-batches of ``--pad-batch`` samples with gradient accumulation for ``seed`` and
