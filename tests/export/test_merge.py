@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mx
 from osstune.config import TemplateArgs
 from osstune.errors import OsstuneError
 from osstune.export.command import export_merged
-from osstune.export.merge import OutputTensor, parse_size, shard_names, shard_plan
+from osstune.export.merge import parse_size
+from osstune.models.safetensors_shards import shard_names
 from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from osstune.train.args import LoadArgs, LoraArgs, SftDataArgs, TrackArgs, TrainArgs
 from osstune.train.sft import SftConfig, train
@@ -263,11 +264,3 @@ def test_parse_size() -> None:
     for bad in ("5 GBs", "", "-1MB", "0"):
         with pytest.raises(OsstuneError, match="max_shard_size"):
             parse_size(bad)
-
-
-def test_shard_plan_fills_in_order() -> None:
-    tensors = [OutputTensor(f"t{i}", torch.uint8, (size,)) for i, size in enumerate((3, 3, 3, 10, 1, 2))]
-    plan = shard_plan(tensors, max_shard_bytes=6)
-    assert [[t.name for t in shard] for shard in plan] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
-    assert shard_names(1) == ["model.safetensors"]
-    assert shard_names(3) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]

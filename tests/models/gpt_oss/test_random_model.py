@@ -19,7 +19,6 @@ from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
 from osstune.models.gpt_oss.random_model import (
     DEFAULT_SHARD_BYTES,
-    INDEX_FILE,
     GptOssSizes,
     TensorSpec,
     build_config,
@@ -27,12 +26,12 @@ from osstune.models.gpt_oss.random_model import (
     checkpoint_layout,
     gpt_oss_config,
     o200k_harmony_config,
-    plan_shards,
     random_tensors,
     write_random_checkpoint,
     write_weights,
 )
 from osstune.models.loading import load_model
+from osstune.models.safetensors_shards import INDEX_FILE, shard_plan
 
 VOCAB = 201088
 SMALL = GptOssSizes(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -111,7 +110,7 @@ def test_released_sizes_match_the_published_checkpoints() -> None:
     assert specs["model.layers.5.mlp.experts.down_proj_scales"].shape == (32, 2880, 90)
     assert specs["model.layers.5.self_attn.k_proj.weight"].shape == (512, 2880)
     assert specs["lm_head.weight"].nbytes == 201088 * 2880 * 2
-    shards = plan_shards(layout, DEFAULT_SHARD_BYTES)
+    shards = shard_plan(layout, DEFAULT_SHARD_BYTES)
     assert [len(shard) for shard in shards] == [128, 171, 159, 1]  # the last shard is the unembedding
     assert all(sum(spec.nbytes for spec in shard) <= DEFAULT_SHARD_BYTES for shard in shards)
     assert [spec for shard in shards for spec in shard] == layout

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tokenizers import Tokenizer
 from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
 from osstune.models.gpt_oss.mxfp4_experts import EXPERT_STACKS, is_mxfp4_checkpoint
+from osstune.models.safetensors_shards import INDEX_FILE, ShardWriter, shard_plan
 
 MAX_POSITION_EMBEDDINGS = 131072
 """Context length of gpt-oss (yarn-scaled x32 from ``ORIGINAL_CONTEXT_LENGTH``)."""
@@ -38,12 +38,6 @@ ORIGINAL_CONTEXT_LENGTH = 4096
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
 """Largest shard written by ``write_random_checkpoint`` (a single tensor larger than this gets a shard of its own)."""
-
-SINGLE_FILE = "model.safetensors"
-"""The weight file of a checkpoint that fits one shard."""
-
-INDEX_FILE = "model.safetensors.index.json"
-"""The shard index of a sharded checkpoint (``weight_map``: tensor name -> shard file)."""
 
 GPT_OSS_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "model.layers.*.self_attn",
@@ -60,10 +54,6 @@ Init = Literal["normal", "ones", "unembed", "expert_blocks", "expert_scales", "e
 """How a tensor's values are drawn (see ``random_tensors``)."""
 
 _RESOURCES = Path(__file__).resolve().parents[2] / "resources"
-_SAFETENSORS_DTYPES: Mapping[torch.dtype, str] = MappingProxyType(
-    {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
-)
-_HEADER_ALIGNMENT = 8
 
 
 @dataclass(frozen=True)
@@ -370,43 +360,6 @@ def random_tensors(
         del tensor
 
 
-def plan_shards(layout: Sequence[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split a layout, in order, into shards of at most ``shard_bytes`` of tensor data.
-
-    A shard is closed when the next tensor would overflow it; a tensor larger than ``shard_bytes`` gets a shard of
-    its own.
-
-    Args:
-        layout: the tensors in write order.
-        shard_bytes: the most tensor data in one shard.
-
-    Raises:
-        OsstuneError: ``shard_bytes`` is not positive.
-    """
-    if shard_bytes < 1:
-        raise OsstuneError(f"shard_bytes must be positive, got {shard_bytes}")
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in layout:
-        if shards[-1] and size + spec.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    """File names of ``count`` shards: ``model.safetensors`` alone, else ``model-00001-of-0000N.safetensors``...
-
-    Args:
-        count: how many shards.
-    """
-    if count == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
 def write_weights(
     out_dir: Path,
     layout: Sequence[TensorSpec],
@@ -424,37 +377,31 @@ def write_weights(
         out_dir: the folder to write into (it must exist).
         layout: the tensors, in the order ``tensors`` yields them.
         tensors: ``(name, CPU tensor)`` pairs matching ``layout`` one for one.
-        shard_bytes: the most tensor data in one shard (see ``plan_shards``).
+        shard_bytes: the most tensor data in one shard (see ``safetensors_shards.shard_plan``).
 
     Returns:
         The weight files written, in order (the index, when written, last).
 
     Raises:
-        OsstuneError: ``tensors`` does not match ``layout`` (a name, shape or dtype differs, or the counts differ).
+        OsstuneError: ``tensors`` does not match ``layout`` (a name, shape or dtype differs, or the counts differ),
+            or ``shard_bytes`` is not positive.
     """
-    shards = plan_shards(layout, shard_bytes)
-    names = shard_names(len(shards))
-    stream = iter(tensors)
-    for shard, name in zip(shards, names):
-        with (out_dir / name).open("wb") as f:
-            f.write(_safetensors_header(shard))
-            for spec in shard:
-                got = next(stream, None)
-                if got is None:
-                    raise OsstuneError(f"{spec.name}: the tensors ended before the layout did")
-                got_name, tensor = got
-                if (got_name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
-                    raise OsstuneError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {got_name} "
-                                       f"{tensor.dtype} {list(tensor.shape)}")
-                f.write(tensor.contiguous().view(torch.uint8).numpy().data)
-    if next(stream, None) is not None:
-        raise OsstuneError("the tensors go on after the last tensor of the layout")
-    if len(shards) == 1:
-        return names
-    weight_map = {spec.name: name for shard, name in zip(shards, names) for spec in shard}
-    write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": sum(spec.nbytes for spec in layout)},
-                                      "weight_map": weight_map})
-    return [*names, INDEX_FILE]
+    if shard_bytes < 1:
+        raise OsstuneError(f"shard_bytes must be positive, got {shard_bytes}")
+    writer = ShardWriter(out_dir, shard_plan(layout, shard_bytes))
+    try:
+        for name, tensor in tensors:
+            if writer.done:
+                raise OsstuneError("the tensors go on after the last tensor of the layout")
+            writer.write(name, tensor)
+    finally:
+        writer.close()
+    if not writer.done:
+        raise OsstuneError(f"{writer.queue[writer.position][1].name}: the tensors ended before the layout did")
+    if len(writer.names) == 1:
+        return writer.names
+    write_json(out_dir / INDEX_FILE, writer.index())
+    return [*writer.names, INDEX_FILE]
 
 
 def write_checkpoint(
@@ -581,19 +528,3 @@ def write_json(path: Path, value: Mapping[str, Any]) -> None:
         value: a JSON-ready mapping.
     """
     path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _safetensors_header(shard: Sequence[TensorSpec]) -> bytes:
-    """The length prefix and JSON header of a safetensors file holding ``shard``'s tensors back to back, in order.
-
-    The header is padded with spaces so that the data starts 8-byte aligned, as the safetensors library writes it.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in shard:
-        header[spec.name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % _HEADER_ALIGNMENT)
-    return struct.pack("<Q", len(text)) + text
