@@ -83,6 +83,10 @@ MoE block / whole decoder layer. Several can be joined with ``+``, e.g. ``bf16+c
 SCENARIOS: tuple[str, ...] = ("fixed", "mix", "long")
 """Scenario kinds: the short fixed batch, the real-length mix, the single long sequence."""
 
+MAX_CONTEXT = "maxctx"
+"""The max-context scenario (only when asked for in ``--scenarios``): osstune alone, the longest single sequence
+that trains under ``--memory-cap-gib`` (``memory.max_context``), after the other scenarios."""
+
 LORA_RANK = 8
 LORA_ALPHA = 16
 LEARNING_RATE = 2e-4
@@ -541,6 +545,7 @@ def measure(
     setup: Setup,
     options: Options,
     profile_sink: Callable[[str], None] | None = None,
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> Cell:
     """Time one stack on one scenario; an out-of-memory error or another failure is recorded, not raised.
 
@@ -555,13 +560,17 @@ def measure(
         options: step counts and the time cap.
         profile_sink: when given (CUDA only), one more step runs under the profiler after the timed steps and
             its summary (``profile_step``) is passed to this.
+        make_optimizer: builds the optimizer of the trained parameters (default: fused AdamW on CUDA).
     """
     batches = scenario.packed if packs else scenario.padded
     detail = scenario.packed_detail if packs else scenario.padded_detail
     cell = Cell(stack, scenario.name, "ok", scenario.tokens, sum(b["input_ids"].numel() for b in batches),
                 notes=f"{pieces}; {detail}")
     params = [param for param in model.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True if setup.device.type == "cuda" else None)
+    if make_optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True if setup.device.type == "cuda" else None)
+    else:
+        optimizer = make_optimizer(params)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     run_step = partial(train_step, model, optimizer, batches, token_shares(batches), linear_ce)
@@ -953,7 +962,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, to check the harness in seconds")
     parser.add_argument("--stacks", default=",".join(STACKS), help=f"comma-separated, from {', '.join(STACKS)}")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help="comma-separated, from fixed (4x2048), mix (real-length mix), long (1x16384)")
+                        help="comma-separated, from fixed (4x2048), mix (real-length mix), long (1x16384), maxctx "
+                             "(osstune's longest single sequence under --memory-cap-gib; not run by default)")
+    parser.add_argument("--memory-cap-gib", "--memory_cap_gib", type=float, default=80.0,
+                        help="maxctx: the allocator cap (torch.cuda.set_per_process_memory_fraction)")
+    parser.add_argument("--context-lengths", default="65536,131072",
+                        help="maxctx: sequence lengths to try, ascending, until one does not fit")
+    parser.add_argument("--lean", default=None,
+                        help="maxctx: osstune's memory options, +-joined from dN, acts, emb, opt (default: "
+                             "memory.DEFAULT_LEAN)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per cell")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per cell")
     parser.add_argument("--max-cell-s", type=float, default=45.0,
@@ -1050,6 +1067,38 @@ def summary_lines(record: dict[str, Any], cells: Sequence[Cell], scenarios: Sequ
     return lines
 
 
+def run_max_context(args: argparse.Namespace, setup: Setup, record: dict[str, Any], out_dir: str | None) -> int | None:
+    """The maxctx scenario: free the benchmark's bf16 model, then ``memory.max_context`` with the chosen cap, lengths
+    and memory options; each try is printed and saved under ``record["max_context_cells"]``.
+
+    Args:
+        args: the command line.
+        setup: the run's setup.
+        record: the run's record (saved after each try).
+        out_dir: the OUT folder, or None.
+
+    Returns:
+        The longest length that trained, or None.
+    """
+    import memory  # the sibling benchmark; imported here because it imports this module
+
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    lean = memory.Lean.parse(args.lean or memory.DEFAULT_LEAN)
+    lengths = [256, 512] if args.tiny else [int(item) for item in args.context_lengths.split(",")]
+    record["max_context_cells"] = []
+
+    def done(cell: Any) -> None:
+        record["max_context_cells"].append(asdict(cell))
+        peak = f"{cell.peak_gib:.2f}" if cell.peak_gib is not None else "-"
+        print(f"  maxctx {cell.name}: {cell.status}, peak {peak} GiB, step {_number(cell.step_s, 1)}s, "
+              f"{_number(cell.tokens_per_s, 0)} tokens/s", file=sys.stderr, flush=True)
+        save(record, out_dir)
+
+    return memory.max_context(setup, lengths, args.memory_cap_gib, lean, args.seed, done)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the model once, measure the chosen stacks on the chosen scenarios, print and save the results.
 
@@ -1064,7 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variant in filter(None, (name.strip() for name in args.osstune_variants.split(","))):
         _csv(variant.replace("+", ","), VARIANTS, "--osstune-variants")
         stacks.append(f"osstune[{variant}]")
-    kinds = _csv(args.scenarios, SCENARIOS, "--scenarios")
+    kinds = _csv(args.scenarios, (*SCENARIOS, MAX_CONTEXT), "--scenarios")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -1111,6 +1160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["stacks"][stack] = run_stack(stack, model, scenarios, setup, options, fused, report,
                                             keep_profile if args.profile else None, budgets)
     record["ratios"] = ratios(cells, scenarios)
+    if MAX_CONTEXT in kinds:
+        del model
+        record["max_context"] = run_max_context(args, setup, record, out_dir)
     record["total_s"] = time.perf_counter() - started
     save(record, out_dir)
     print("\n".join(summary_lines(record, cells, scenarios)))

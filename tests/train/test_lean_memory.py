@@ -1,5 +1,5 @@
-"""``osstune sft --offload_embeddings true`` and ``--dequant_experts N`` on the tiny gpt-oss: the same losses as
-without them, where the weights are during training, flag parsing, refused combinations and the dry run."""
+"""``osstune sft --offload_embeddings true``, ``--dequant_experts N`` and ``--offload_optimizer true`` on the tiny
+gpt-oss: the same losses as without them, where the weights are during training, flag parsing, refused combinations and the dry run."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from osstune.models.gpt_oss.mxfp4_experts import Mxfp4Experts
 from osstune.train import sft
 from osstune.train.args import LoadArgs, LoraArgs, SftDataArgs, TrackArgs, TrainArgs
 from osstune.train.dry_run import plan_training
+from osstune.train.host_optimizer import BUCKET_BYTES
 from osstune.train.sft import SftConfig, train
 
 DATE = "2026-01-01"
@@ -26,15 +27,16 @@ EMBEDDING_NAME = "base_model.model.model.embed_tokens.weight"
 FIT = sft.fit
 
 
-def config(model: Path, data: Path, out: Path, **load_kw: Any) -> SftConfig:
-    """Two float32 steps of 4 samples with LoRA r=4 on attention and every expert."""
+def config(model: Path, data: Path, out: Path, train_kw: dict[str, Any] | None = None, **load_kw: Any) -> SftConfig:
+    """Two float32 steps of 4 samples with LoRA r=4 on attention and every expert (``train_kw``: more TrainArgs)."""
     return SftConfig(
         load=LoadArgs(model=str(model), torch_dtype="float32", **load_kw),
         data=SftDataArgs(dataset=[str(data)], split_dataset_ratio=0.0, seed=7),
         template=TemplateArgs(current_date=DATE),
         lora=LoraArgs(lora_rank=4, lora_alpha=8, lora_dropout=0.0),
-        train=TrainArgs(output_dir=str(out), eval_generation_samples=0, learning_rate=5e-3, logging_steps=1,
-                        per_device_train_batch_size=4, max_steps=2, save_strategy="no"),
+        train=TrainArgs(**{"output_dir": str(out), "eval_generation_samples": 0, "learning_rate": 5e-3,
+                           "logging_steps": 1, "per_device_train_batch_size": 4, "max_steps": 2,
+                           "save_strategy": "no", **(train_kw or {})}),
         track=TrackArgs(report_to=["none"]),
     )
 
@@ -59,6 +61,13 @@ class Inspect(TrainerCallback):
             "dense_experts": {m.max_dense_experts for m in model.modules() if isinstance(m, Mxfp4Experts)},
             "require_grads_hooks": len(getattr(model.get_base_model(), "_require_grads_hooks", [])),
         }
+
+    def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
+        moments = [value for param_state in optimizer.state.values() for key, value in param_state.items()
+                   if key.startswith("exp_avg")]
+        self.seen["optimizer"] = type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__
+        self.seen["moment_devices"] = {tensor.device.type for tensor in moments}
+        self.seen["moments"] = len(moments)
 
 
 def run(cfg: SftConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], dict[str, Any]]:
@@ -88,6 +97,30 @@ def test_same_losses_with_the_embedding_in_host_ram_and_a_bounded_scratch(
     assert bounded == pytest.approx(base, rel=1e-6, abs=0)
 
 
+def test_same_losses_with_the_optimizer_state_in_host_ram(
+        tmp_path: Path, tiny_model_dir: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, seen = run(config(tiny_model_dir, data_file, tmp_path / "base"), monkeypatch)
+    assert seen["optimizer"] != "HostAdamW"
+    offloaded, seen = run(config(tiny_model_dir, data_file, tmp_path / "offload",
+                                 train_kw={"offload_optimizer": True}), monkeypatch)
+    trainable = 2 * 24  # the tiny model's LoRA A/B tensors: 4 attention projections + 2 expert stacks, 4 layers
+    assert seen["optimizer"] == "HostAdamW" and seen["moment_devices"] == {"cpu"} and seen["moments"] == 2 * trainable
+    assert offloaded == pytest.approx(base, rel=1e-6, abs=0)
+
+
+def test_resume_with_the_optimizer_state_in_host_ram(tmp_path: Path, tiny_model_dir: Path, data_file: Path) -> None:
+    """The checkpoint carries the host moments; a resumed run continues on the uninterrupted run's losses."""
+    steps = {"offload_optimizer": True, "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    full = train(config(tiny_model_dir, data_file, tmp_path / "full", train_kw=steps))
+    assert full.exit_code == 0 and (full.run_dir / "checkpoint-2" / "optimizer.pt").is_file()
+    resumed = train(config(tiny_model_dir, data_file, tmp_path / "resumed", train_kw={
+        **steps, "resume_from_checkpoint": str(full.run_dir / "checkpoint-2")}))
+    assert resumed.exit_code == 0 and resumed.global_step == 4
+    expected, got = losses(full.run_dir), losses(resumed.run_dir)
+    assert len(expected) == 4 and len(got) == 2
+    assert got == pytest.approx(expected[2:], rel=1e-6, abs=0)
+
+
 def test_flags_parse() -> None:
     from osstune.cli import build_parser
     from osstune.config import parse_flags
@@ -107,6 +140,8 @@ def test_flags_parse() -> None:
     (["--dequant_experts", "-2", "--expert_weights", "mxfp4"], "--dequant_experts -2: give a number of experts"),
     (["--offload_embeddings", "true", "--deepspeed", "zero2"], "cannot be combined with --deepspeed or --fsdp"),
     (["--offload_embeddings", "true", "--fsdp", "full_shard"], "cannot be combined with --deepspeed or --fsdp"),
+    (["--offload_optimizer", "true", "--deepspeed", "zero3"], "Use --deepspeed zero3_offload (or zero2_offload)"),
+    (["--offload_optimizer", "true", "--fsdp", "full_shard"], "they shard the optimizer state themselves"),
 ])
 def test_refused_before_anything_is_written(flags: list[str], message: str, tmp_path: Path, tiny_model_dir: Path,
                                             data_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,5 +161,9 @@ def test_dry_run_keeps_the_embedding_off_the_gpu_estimate(tiny_model_dir: Path, 
     assert offloaded.counts.frozen == on_device.counts.frozen - EMBEDDING
     assert offloaded.memory.weights == on_device.memory.weights - EMBEDDING * 4  # float32
     assert offloaded.memory.total == on_device.memory.total - EMBEDDING * 4
+    host_state = plan_training(config(tiny_model_dir, data_file, tmp_path, train_kw={"offload_optimizer": True}),
+                               world_size=1)
+    assert on_device.memory.optimizer == on_device.counts.trainable * 8
+    assert host_state.memory.optimizer == min(2 * BUCKET_BYTES, on_device.counts.trainable * 8)
     with pytest.raises(OsstuneError, match="Add --expert_weights mxfp4"):
         plan_training(config(tiny_model_dir, data_file, tmp_path, dequant_experts=2), world_size=1)

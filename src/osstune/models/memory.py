@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from osstune.errors import OsstuneError
+from osstune.train.host_optimizer import BUCKET_BYTES
 
 MEMINFO = Path("/proc/meminfo")
 """Where Linux reports host memory; read when psutil is not installed."""
@@ -182,6 +183,9 @@ ADAPTER_BYTES = 4
 ADAMW_BYTES = 8
 """Bytes of AdamW state per trained parameter: two float32 moments."""
 
+HOST_OPTIMIZER_BYTES = 2 * BUCKET_BYTES
+"""Device bytes of AdamW state with the moments in host RAM: the two buckets ``HostAdamW`` streams at a time."""
+
 INDEX_BYTES = 8
 """Bytes of one int64 index (routing and softmax bookkeeping saved for the backward pass)."""
 
@@ -309,6 +313,7 @@ def estimate_training_memory(
     shape: TrainingShape,
     engine: str = "ddp",
     world_size: int = 1,
+    host_optimizer: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one GPU while training LoRA.
 
@@ -328,6 +333,8 @@ def estimate_training_memory(
         shape: the micro-batch (see :class:`TrainingShape`).
         engine: one of :data:`ENGINES`.
         world_size: processes training together.
+        host_optimizer: AdamW's moments live in host RAM (``--offload_optimizer``): the device holds only the two
+            buckets in flight (``HOST_OPTIMIZER_BYTES``).
 
     Raises:
         OsstuneError: an unknown engine, a world size below 1, or a config without the sizes needed.
@@ -350,7 +357,8 @@ def estimate_training_memory(
         gathered=(2 * counts.largest_unit * width if shards_weights else 0) + counts.scratch * width,
         lora=share(counts.trainable * ADAPTER_BYTES, shards_weights),
         gradients=share(counts.trainable * ADAPTER_BYTES, shards_state),
-        optimizer=share(counts.trainable * ADAMW_BYTES, shards_state),
+        optimizer=(min(HOST_OPTIMIZER_BYTES, counts.trainable * ADAMW_BYTES) if host_optimizer
+                   else share(counts.trainable * ADAMW_BYTES, shards_state)),
         activations=activation_bytes(config, lora=lora, shape=shape, dtype_bytes=width),
         logits=0 if shape.fused_loss else shape.tokens * vocab * (width + 2 * FP32_BYTES),
     )

@@ -99,6 +99,10 @@ class TrainArgs:
                                        "memory requires; every layer on the CPU and under --deepspeed/--fsdp).")
     offload_activations: bool = flag(False, "Keep the inputs that checkpointed layers save in pinned host RAM "
                                      "instead of GPU memory (long sequences; each step copies them out and back).")
+    offload_optimizer: bool = flag(False, "Keep AdamW's two moments in pinned host RAM; each optimizer step streams "
+                                   "them to the GPU in buckets, updates there and sends them back (8 bytes per "
+                                   "trained parameter off the GPU; not with --deepspeed/--fsdp, which offload "
+                                   "their own way).")
     logging_steps: int = flag(5, "Log every N optimizer steps.")
     eval_strategy: str | None = flag(None, "no, steps or epoch; default follows --save_strategy when there is a "
                                       "validation split.", choices=("no", "steps", "epoch"),

@@ -146,7 +146,7 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
     longest = TrainingShape(micro_batch=t.per_device_train_batch_size, seq_len=seq_len, checkpointing=True,
                             attn_impl=attn, fused_loss=t.use_liger_kernel)
     before = estimate_training_memory(config, dtype=dtype, counts=counts, lora=layout, shape=longest, engine=engine,
-                                      world_size=world)
+                                      world_size=world, host_optimizer=t.offload_optimizer)
     if t.gradient_checkpointing == "auto" and engine != "ddp":
         console.print(SHARDED_AUTO_NOTE)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -156,7 +156,7 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
                                    reserve_bytes=before.total - before.activations, offload=t.offload_activations)
     shape = shape_for(longest, checkpointing)
     memory = estimate_training_memory(config, dtype=dtype, counts=counts, lora=layout, shape=shape, engine=engine,
-                                      world_size=world)
+                                      world_size=world, host_optimizer=t.offload_optimizer)
     return DryRunPlan(model_type=str(config.get("model_type", "unknown")), dtype=dtype, counts=counts, lora=layout,
                       engine=engine, world_size=world, train_rows=rows, grad_accum=t.gradient_accumulation_steps,
                       steps_per_epoch=per_epoch, total_steps=total,

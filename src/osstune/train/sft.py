@@ -149,6 +149,10 @@ def _check_flags(cfg: SftConfig, world_size: int = 1) -> None:
     check_dequant_experts(cfg.load.dequant_experts, cfg.load.expert_weights)
     if cfg.load.offload_embeddings:
         check_embedding_offload(cfg.train)
+    if cfg.train.offload_optimizer and sharded_engine(cfg.train):
+        raise OsstuneError("--offload_optimizer true cannot be combined with --deepspeed or --fsdp: they shard the "
+                           "optimizer state themselves. Use --deepspeed zero3_offload (or zero2_offload) to keep it "
+                           "in host RAM there, or leave --offload_optimizer out.")
     if fsdp_config(cfg.train.fsdp) is not None:
         _check_fsdp(world_size)
     _check_deepspeed(cfg.train.deepspeed)
@@ -436,6 +440,19 @@ def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, u
     )
 
 
+def host_optimizer(targs: Any) -> tuple[type, dict[str, Any]]:
+    """The Trainer's ``optimizer_cls_and_kwargs`` for ``--offload_optimizer true``: :class:`HostAdamW` with the
+    AdamW hyperparameters of ``targs`` (the Trainer adds the learning rate and the weight-decay groups).
+
+    Args:
+        targs: the run's ``TrainingArguments``.
+    """
+    from osstune.train.host_optimizer import HostAdamW
+
+    return HostAdamW, {"lr": targs.learning_rate, "betas": (targs.adam_beta1, targs.adam_beta2),
+                       "eps": targs.adam_epsilon}
+
+
 def _fsdp_arguments(value: str | None) -> dict[str, Any]:
     """``fsdp`` and ``fsdp_config`` keyword arguments of ``TrainingArguments`` for ``--fsdp`` (none when off)."""
     config = fsdp_config(value)
@@ -574,6 +591,7 @@ def fit(
         callbacks=[JsonlLogger(run_dir / "logging.jsonl"), metrics, *callbacks],
         keep_checkpoints=training.save_total_limit,
         extra_files=(args_json,),
+        optimizer_cls_and_kwargs=host_optimizer(targs) if training.offload_optimizer else None,
     )
     guard = RunGuard(trainer)
     trainer.add_callback(guard)
@@ -662,7 +680,8 @@ def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDa
     layout = lora_layout(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     coming = estimate_training_memory(config, dtype=weight.dtype, lora=layout, shape=shape,
-                                      counts=ModelCounts(frozen=0, trainable=trainable, largest_unit=0))
+                                      counts=ModelCounts(frozen=0, trainable=trainable, largest_unit=0),
+                                      host_optimizer=training.offload_optimizer)
     sharded = sharded_engine(training)
     if sharded and training.gradient_checkpointing == "auto":
         console.print(SHARDED_AUTO_NOTE, markup=False, highlight=False, soft_wrap=True)
