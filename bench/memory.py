@@ -73,13 +73,13 @@ from osstune.train.host_optimizer import BUCKET_BYTES, HostAdamW  # noqa: E402
 class Lean:
     """A memory-lean setting: which of osstune's memory options a cell uses.
 
-    Written on the command line as ``+``-joined parts, e.g. ``d4+acts+emb+opt``: ``dN`` dequantises N experts at a
-    time (``--dequant_experts N``; without it the whole layer at once), ``acts`` keeps the checkpointed layer
+    Written on the command line as ``+``-joined parts, e.g. ``d4+acts+emb+opt``: ``dN`` bounds the dequantisation
+    scratch to N experts' worth (``--dequant_experts N``; without it the whole layer at once), ``acts`` keeps the checkpointed layer
     inputs in host RAM (``--offload_activations true``), ``emb`` the input embedding table
     (``--offload_embeddings true``), ``opt`` AdamW's moments (``--offload_optimizer true``).
 
     Args:
-        dense_experts: experts dequantised at a time (0: the whole layer).
+        dense_experts: the dequantisation scratch's bound in experts' worth (0: the whole layer).
         activations: checkpointed layer inputs in host RAM.
         embeddings: input embedding table in host RAM.
         optimizer: AdamW moments in host RAM (``HostAdamW``).
@@ -431,7 +431,7 @@ def max_context(setup: Setup, lengths: Sequence[int], cap_gib: float, lean: Lean
         gc.collect()
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(setup.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), setup.device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), torch.cuda.current_device())
     model = build_mxfp4_model(setup.config, setup.device, setup.dtype, seed)
     best = None
     for context in lengths:

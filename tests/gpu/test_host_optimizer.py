@@ -33,9 +33,11 @@ def test_streams_the_moments_and_matches_fused_adamw() -> None:
         reference.step()
         if step == 0:
             torch.cuda.synchronize()
-            # Two buckets of moments and one step counter per parameter; the reference holds all moments.
+            # Two buckets of moments (a parameter larger than a bucket gets buffers of its size) and one step
+            # counter per parameter; the reference holds every moment and its own step counters.
+            largest = max(2 * p.numel() * 4 for p in ours)
             held = torch.cuda.memory_allocated() - before - sum(p.numel() * 4 for p in theirs) * 2
-            assert held <= 2 * BUCKET + 512 * len(SHAPES)
+            assert held <= 2 * max(BUCKET, largest) + 2 * 512 * len(SHAPES)
     torch.cuda.synchronize()
     for mine, other in zip(ours, theirs):
         assert torch.equal(mine, other)

@@ -100,6 +100,27 @@ def test_writes_into_a_given_buffer_and_accepts_expert_slices(mxfp4_kernels: Mod
     assert torch.equal(bits(buffer), bits(dequantize_mxfp4(blocks, scales, torch.bfloat16)[1:3]))
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_reads_row_and_group_slices_in_place(mxfp4_kernels: ModuleType, transposed: bool):
+    # The bounded dequantisation decodes a stack in slices of checkpoint rows (forward) or of scale groups
+    # (backward); an expert-minor layout (row stride below the expert stride's usual value) works too.
+    blocks, scales = random_codes(3, 130, 5, seed=11)
+    views = {
+        "rows": (blocks[:, 40:100], scales[:, 40:100]),
+        "groups": (blocks[:, :, 1:4], scales[:, :, 1:4]),
+        "expert-minor": (blocks.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+                         scales.permute(1, 0, 2).contiguous().permute(1, 0, 2)),
+    }
+    for name, (sliced_blocks, sliced_scales) in views.items():
+        assert name == "rows" or not sliced_blocks.is_contiguous()
+        out = mxfp4_kernels.dequantize_mxfp4_triton(sliced_blocks, sliced_scales, torch.bfloat16,
+                                                    transposed=transposed)
+        expected = dequantize_mxfp4(sliced_blocks.contiguous(), sliced_scales.contiguous(), torch.bfloat16)
+        if not transposed:
+            expected = expected.transpose(1, 2).contiguous()
+        assert torch.equal(bits(out), bits(expected)), name
+
+
 def test_empty_stacks(mxfp4_kernels: ModuleType):
     for experts, rows in ((0, 8), (2, 0)):
         blocks, scales = random_codes(experts, rows, 1, seed=0)

@@ -65,7 +65,8 @@ def _e2m1_bits(code, scale, OUT_KIND: tl.constexpr):
 
 @triton.jit
 def _dequantize_mxfp4_kernel(
-    blocks_ptr, scales_ptr, out_ptr, rows, cols,
+    blocks_ptr, scales_ptr, out_ptr, rows, cols, blocks_expert_stride, blocks_row_stride, scales_expert_stride,
+    scales_row_stride,
     OUT_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """Decode one ``[BLOCK_R, BLOCK_C]`` tile of expert ``program_id(2)`` and store it, transposed or not.
@@ -79,10 +80,11 @@ def _dequantize_mxfp4_kernel(
     lane = tl.arange(0, 16)
     groups = cols // 32
     mask = (row < rows)[:, None] & (group < groups)[None, :]
-    tile = row[:, None] * groups + group[None, :]
-    scale = tl.load(scales_ptr + expert * rows * groups + tile, mask=mask, other=0).to(tl.int32)[:, :, None]
+    scale = tl.load(scales_ptr + expert * scales_expert_stride + row[:, None] * scales_row_stride + group[None, :],
+                    mask=mask, other=0).to(tl.int32)[:, :, None]
     packed = tl.load(
-        blocks_ptr + expert * rows * groups * 16 + tile[:, :, None] * 16 + lane[None, None, :],
+        blocks_ptr + expert * blocks_expert_stride + (row[:, None] * blocks_row_stride + group[None, :] * 16)[:, :, None]
+        + lane[None, None, :],
         mask=mask[:, :, None], other=0,
     ).to(tl.int32)
     even = _e2m1_bits(packed & 15, scale, OUT_KIND)  # [rows, groups, lanes]
@@ -118,8 +120,10 @@ def dequantize_mxfp4_triton(
     as the transposed operand without a copy.
 
     Args:
-        blocks: uint8 ``[E, rows, cols / 32, 16]``, two E2M1 codes per byte (low nibble = even column).
-        scales: uint8 ``[E, rows, cols / 32]``, E8M0 block scales, on the device of ``blocks``.
+        blocks: uint8 ``[E, rows, cols / 32, 16]``, two E2M1 codes per byte (low nibble = even column). A slice
+            of a larger stack along rows or scale groups (``blocks[:, r0:r1]``, ``blocks[:, :, g0:g1]``) is read in
+            place; other layouts are copied first.
+        scales: uint8 ``[E, rows, cols / 32]``, E8M0 block scales, on the device of ``blocks`` (sliced alike).
         dtype: float32, bfloat16 or float16.
         out: optional contiguous ``[E, cols, rows]`` (``[E, rows, cols]`` when not transposed) tensor of ``dtype``
             on the device of ``blocks`` to write into (a reusable scratch buffer); a new tensor is allocated when
@@ -157,8 +161,13 @@ def dequantize_mxfp4_triton(
     if out.numel():
         kind, bits_dtype = OUTPUT_KINDS[dtype]
         grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS), num_experts)
+        if blocks.stride(3) != 1 or blocks.stride(2) != blocks.shape[3]:
+            blocks = blocks.contiguous()
+        if scales.stride(2) != 1:
+            scales = scales.contiguous()
         _dequantize_mxfp4_kernel[grid](
-            blocks.contiguous(), scales.contiguous(), out.view(bits_dtype), rows, cols,
+            blocks, scales, out.view(bits_dtype), rows, cols, blocks.stride(0), blocks.stride(1), scales.stride(0),
+            scales.stride(1),
             OUT_KIND=kind, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, TRANSPOSED=transposed, num_warps=NUM_WARPS,
         )
     return out

@@ -6,7 +6,7 @@ attention is ``flex_attention`` on CUDA and ``eager`` on CPU, the two transforme
 gpt-oss's attention sinks. Other models load through ``AutoModelForCausalLM`` with sdpa attention.
 
 Two memory-lean options for training: ``offload_embeddings`` keeps the input embedding table in host RAM
-(``osstune.models.host_embedding``), and ``dequant_experts`` bounds how many MXFP4 experts are dense at a time.
+(``osstune.models.host_embedding``), and ``dequant_experts`` bounds the dense scratch of MXFP4 experts to that many experts' worth.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class LoadedModel:
         expert_weights: ``mxfp4`` when the gpt-oss experts stayed MXFP4 (``Mxfp4Experts``), else ``bf16`` (dense
             in ``dtype``).
         offload_embeddings: whether the input embedding table is in host RAM (``HostEmbedding``).
-        dequant_experts: MXFP4 experts dequantised at a time in each layer (0: a whole layer at once).
+        dequant_experts: bound of the MXFP4 dequantisation scratch, in experts' worth of a layer's weights (0: a
+            whole layer at once).
     """
 
     model: Any
@@ -321,11 +322,11 @@ def check_dequant_experts(dequant_experts: int, expert_weights: str) -> None:
 
 
 def limit_dense_experts(model: Any, count: int) -> int:
-    """Dequantise at most ``count`` MXFP4 experts of a layer at a time (``Mxfp4Experts.max_dense_experts``).
+    """Bound the MXFP4 dequantisation scratch to ``count`` experts' worth of a layer (``max_dense_experts``).
 
     Args:
         model: a model loaded with ``expert_weights="mxfp4"`` (PEFT-wrapped or not).
-        count: experts per dequantisation; 0 dequantises a whole layer at once.
+        count: experts' worth of dense weights per dequantised slice; 0 dequantises a whole layer at once.
 
     Returns:
         How many expert layers were set.

@@ -48,8 +48,9 @@ class LoadArgs:
                                choices=("mxfp4", "bf16", "auto"))
     offload_embeddings: bool = flag(False, "Keep the frozen input embedding table in pinned host RAM; each step "
                                     "gathers its tokens' rows on the CPU and sends only those to the GPU.")
-    dequant_experts: int = flag(0, "With --expert_weights mxfp4: dequantise at most N experts of a layer at a time "
-                                "(a smaller scratch, one host sync per expert matmul); 0 = a whole layer at once.")
+    dequant_experts: int = flag(0, "With --expert_weights mxfp4: bound the dequantisation scratch to N experts' "
+                                "worth of a layer's weights (each expert matmul dequantises all experts in "
+                                "ceil(E/N) slices, no host sync); 0 = a whole layer at once.")
 
 
 @dataclass

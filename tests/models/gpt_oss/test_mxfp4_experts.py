@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -212,23 +213,44 @@ def test_backward_recomputes_the_weights_instead_of_keeping_them(grouped: bool) 
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4])
-def test_bounded_scratch_gives_the_whole_stack_result(chunk: int) -> None:
+def test_bounded_scratch_gives_the_whole_stack_result(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(5)
-    blocks, scales = quantize_mxfp4(torch.randn(4, 64, 96, generator=gen))
+    blocks, scales = quantize_mxfp4(torch.randn(4, 128, 96, generator=gen))  # I = 128 (4 scale groups), O = 96
     whole = Mxfp4Stack(blocks, scales, torch.float32)
     bounded = Mxfp4Stack(blocks, scales, torch.float32, max_dense_experts=chunk)
     routing = route_by_expert(torch.tensor([[0, 3], [3, 1], [1, 0], [0, 3], [3, 0]]), 4)  # expert 2 gets no row
-    x_SI = torch.randn(10, 64, generator=gen)
+    x_SI = torch.randn(10, 128, generator=gen)
     probe = torch.randn(10, 96, generator=gen)
+    dense_sizes: list[int] = []
+    original = Mxfp4Stack.dequantize_rows
+
+    def recorded(self: Mxfp4Stack, *args: Any, **kwargs: Any) -> torch.Tensor:
+        dense = original(self, *args, **kwargs)
+        dense_sizes.append(dense.numel())
+        return dense
+
+    monkeypatch.setattr(Mxfp4Stack, "dequantize_rows", recorded)
     for transpose, rows in ((False, x_SI), (True, probe)):
         expected = whole.multiply(rows, routing.ends_E, grouped=True, transpose=transpose)
+        dense_sizes.clear()
         assert torch.equal(bounded.multiply(rows, routing.ends_E, grouped=True, transpose=transpose), expected)
+        # One dequantisation per slice, each every expert's share of it: the slices add up to the stack once.
+        slices = bounded.slices(4 if transpose else 96, align=1 if transpose else 32)
+        assert len(dense_sizes) == len(slices) and sum(dense_sizes) == 4 * 128 * 96
+        assert (len(slices) > 1 and max(dense_sizes) < 4 * 128 * 96) if chunk < 4 else len(slices) == 1
         looped = whole.multiply(rows, routing.ends_E, grouped=False, transpose=transpose)
         assert rel_err(expected, looped) < 1e-6 and expected.abs().max() > 0
-    # Routing that leaves a whole chunk empty.
-    empty_first = route_by_expert(torch.tensor([[3, 2], [2, 3]]), 4)
-    out = bounded.multiply(x_SI[:4], empty_first.ends_E, grouped=True, transpose=False)
-    assert torch.equal(out, whole.multiply(x_SI[:4], empty_first.ends_E, grouped=True, transpose=False))
+
+
+def test_slices_cover_the_dimension_aligned() -> None:
+    blocks = torch.zeros(32, 5760, 90, 16, dtype=torch.uint8)  # gpt-oss-20b's gate_up stack
+    stack = Mxfp4Stack(blocks, blocks[..., 0], torch.bfloat16, max_dense_experts=8)
+    assert stack.slices(5760, align=32) == [slice(0, 1440), slice(1440, 2880), slice(2880, 4320), slice(4320, 5760)]
+    assert stack.slices(90, align=1) == [slice(0, 23), slice(23, 46), slice(46, 69), slice(69, 90)]
+    assert Mxfp4Stack(blocks, blocks[..., 0], torch.bfloat16, max_dense_experts=12).slices(2880, align=32) == [
+        slice(0, 960), slice(960, 1920), slice(1920, 2880)]
+    assert Mxfp4Stack(blocks, blocks[..., 0], torch.bfloat16).slices(5760, align=32) == [slice(None)]
+    assert Mxfp4Stack(blocks, blocks[..., 0], torch.bfloat16, max_dense_experts=32).slices(90, 1) == [slice(None)]
 
 
 def test_layer_forward_without_lora_matches_dense(tiny_model_dir: Path) -> None:

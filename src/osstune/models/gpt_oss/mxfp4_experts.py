@@ -4,7 +4,8 @@
 buffers ``*_blocks`` / ``*_scales`` of the checkpoint (see ``osstune.models.gpt_oss.mxfp4``). Each projection
 dequantises its weights right before the matmul, inside an autograd function that keeps no dense weight for the
 backward pass: the backward dequantises again (``Mxfp4Matmul``). On the per-expert loop (CPU, float32) only one
-expert's weights are dense at a time; on the grouped kernel the layer's stack is.
+expert's weights are dense at a time; on the grouped kernel the layer's stack is, or, with ``max_dense_experts``,
+one slice of it (of output rows, or of input columns for the input gradient) at a time.
 
 PEFT interplay: PEFT's ``target_parameters`` only wraps registered parameters, and sizes ``lora_A`` / ``lora_B``
 from their shapes. ``gate_up_proj`` and ``down_proj`` therefore remain registered as frozen placeholders of the
@@ -39,6 +40,10 @@ from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 EXPERT_STACKS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 """The expert weight stacks that MXFP4 checkpoints store as ``{name}_blocks`` and ``{name}_scales``."""
 
+ROW_ALIGN = 32
+"""Output-row slices of a bounded dequantisation start at multiples of this, so that each slice's products (a
+column block of the result) stay 16-byte aligned for the grouped kernel."""
+
 
 @dataclass(frozen=True)
 class Mxfp4Stack:
@@ -50,9 +55,10 @@ class Mxfp4Stack:
         blocks: uint8 ``[E, O, I / 32, 16]``, two E2M1 codes per byte (low nibble = even input column).
         scales: uint8 ``[E, O, I / 32]``, E8M0 block scales.
         compute_dtype: dtype the weights are dequantised to and multiplied in.
-        max_dense_experts: on the grouped kernel, dequantise at most this many experts at a time (bounding the
-            scratch to that share of the layer, at the price of one host sync per multiplication); None: the whole
-            stack at once, no host sync.
+        max_dense_experts: on the grouped kernel, bound the dense scratch to this many experts' worth of weights:
+            the stack is dequantised in ``ceil(E / max_dense_experts)`` slices, each holding every expert's share
+            of the output rows (forward) or input columns (input gradient), and each slice's products land in their
+            columns of the result; no host sync either way. None: the whole stack at once.
     """
 
     blocks: torch.Tensor
@@ -87,13 +93,16 @@ class Mxfp4Stack:
             return dequantize_mxfp4_triton(blocks, scales, self.compute_dtype)
         return dequantize_mxfp4(blocks, scales, self.compute_dtype)
 
-    def dequantize_rows(self, experts: slice = slice(None)) -> torch.Tensor:
-        """Dense weights of some experts in the checkpoint's order, ``[e, O, I]`` (``dequantize`` transposed).
+    def dequantize_rows(self, experts: slice = slice(None), rows: slice = slice(None),
+                        groups: slice = slice(None)) -> torch.Tensor:
+        """Dense weights in the checkpoint's order, ``[e, O, I]`` (``dequantize`` transposed), or a slice of them.
 
         Args:
             experts: which experts, as a slice of the expert dimension.
+            rows: which output rows (O).
+            groups: which input columns, in scale groups of ``BLOCK_SIZE`` columns (I / 32).
         """
-        blocks, scales = self.blocks[experts], self.scales[experts]
+        blocks, scales = self.blocks[experts, rows, groups], self.scales[experts, rows, groups]
         if blocks.is_cuda and self.compute_dtype in (torch.float32, torch.bfloat16, torch.float16):
             from osstune.kernels.mxfp4 import dequantize_mxfp4_triton
 
@@ -143,7 +152,10 @@ class Mxfp4Stack:
 
     def _grouped(self, x_SN: torch.Tensor, ends_E: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``multiply`` on the grouped kernel: the weights are dequantised in the checkpoint's ``[E, O, I]`` order,
-        which is ``W.T`` contiguous and ``W`` as a transposed view, so neither direction copies them.
+        which is ``W.T`` contiguous and ``W`` as a transposed view, so neither direction copies them. With
+        ``max_dense_experts`` they are dequantised in slices (``slices``): of output rows for ``x @ W[e]``, of
+        input columns for ``x @ W[e].T``; each slice's products are the result's columns of that slice, exactly
+        (every product still sums over the whole inner dimension).
 
         Args:
             x_SN: rows sorted by expert.
@@ -151,24 +163,42 @@ class Mxfp4Stack:
             transpose: multiply by ``W[e].T``.
         """
         kernel = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-        num_experts = self.blocks.shape[0]
-        chunk = self.max_dense_experts or num_experts
-        if chunk >= num_experts:
+        num_experts, rows, groups, _ = self.blocks.shape
+        parts = self.slices(groups if transpose else rows, align=1 if transpose else ROW_ALIGN)
+        if len(parts) == 1:
             w_EOI = self.dequantize_rows()
             return kernel(x_SN, w_EOI if transpose else w_EOI.transpose(1, 2), offs=ends_E)
-        ends = ends_E.tolist()
-        pieces = []
-        for first in range(0, num_experts, chunk):
-            last = min(first + chunk, num_experts)
-            start, stop = (ends[first - 1] if first else 0), ends[last - 1]
-            if stop == start:
-                continue
-            w_EOI = self.dequantize_rows(slice(first, last))
-            offs = ends_E[first:last] - start
-            pieces.append(kernel(x_SN[start:stop], w_EOI if transpose else w_EOI.transpose(1, 2), offs=offs))
-            del w_EOI
-        width = self.shape[1] if transpose else self.shape[2]
-        return torch.cat(pieces) if pieces else x_SN.new_zeros(0, width)
+        out = x_SN.new_empty(x_SN.shape[0], groups * BLOCK_SIZE if transpose else rows)
+        for part in parts:
+            if transpose:
+                w_EOi = self.dequantize_rows(groups=part)
+                out[:, part.start * BLOCK_SIZE: part.stop * BLOCK_SIZE] = kernel(x_SN, w_EOi, offs=ends_E)
+                del w_EOi
+            else:
+                w_EoI = self.dequantize_rows(rows=part)
+                out[:, part] = kernel(x_SN, w_EoI.transpose(1, 2), offs=ends_E)
+                del w_EoI
+        return out
+
+    def slices(self, units: int, align: int) -> list[slice]:
+        """Consecutive slices of a weight dimension, each dequantised on its own under ``max_dense_experts``.
+
+        Args:
+            units: the dimension's length (output rows, or input scale groups).
+            align: slice boundaries fall on multiples of this (keeps each slice's products aligned for the grouped
+                kernel).
+
+        Returns:
+            ``[slice(None)]`` without a bound (or when it covers every expert); otherwise
+            ``ceil(E / max_dense_experts)`` slices of at most ``ceil(units / count)`` units (rounded up to
+            ``align``), so each holds at most about ``max_dense_experts`` experts' worth of weights.
+        """
+        num_experts = self.blocks.shape[0]
+        if not self.max_dense_experts or self.max_dense_experts >= num_experts or units <= align:
+            return [slice(None)]
+        count = -(-num_experts // self.max_dense_experts)
+        step = -(-(-(-units // count)) // align) * align
+        return [slice(start, min(start + step, units)) for start in range(0, units, step)]
 
 
 class Mxfp4Matmul(torch.autograd.Function):
