@@ -113,6 +113,10 @@ class HostAdamW(torch.optim.Optimizer):
         """Two flat buffers of ``2 x numel`` elements (both moments of a bucket) on the device, grown as needed."""
         key = (device, dtype)
         buffers = self._buffers.get(key)
+        if buffers is not None and buffers[0].numel() < 2 * numel and device in self._streams:
+            # The old buffers go back to the allocator on the compute stream: order their pending copies first.
+            torch.cuda.current_stream(device).wait_stream(self._streams[device].load)
+            torch.cuda.current_stream(device).wait_stream(self._streams[device].store)
         if buffers is None or buffers[0].numel() < 2 * numel:
             size = max(2 * numel, self.bucket_bytes // torch.empty((), dtype=dtype).element_size())
             buffers = [torch.empty(size, dtype=dtype, device=device) for _ in range(2)]
@@ -159,6 +163,7 @@ class HostAdamW(torch.optim.Optimizer):
                         .view_as(param) for param, offset in zip(bucket.params, bucket.offsets)]
                  for index, name in enumerate(MOMENTS)}
         copies = self._copy_streams(device)
+        compute = torch.cuda.current_stream(device) if copies else None  # taken before entering the copy streams
         with torch.cuda.stream(copies.load) if copies else nullcontext():
             if copies:
                 copies.load.wait_event(copies.freed[slot])  # the slot's last bucket has been sent back
@@ -166,7 +171,7 @@ class HostAdamW(torch.optim.Optimizer):
                 for view, state in zip(views[name], states):
                     view.copy_(state[name], non_blocking=True)
         if copies:
-            torch.cuda.current_stream(device).wait_stream(copies.load)
+            compute.wait_stream(copies.load)
         beta1, beta2 = group["betas"]
         adam(
             bucket.params,
@@ -187,7 +192,7 @@ class HostAdamW(torch.optim.Optimizer):
         )
         with torch.cuda.stream(copies.store) if copies else nullcontext():
             if copies:
-                copies.store.wait_stream(torch.cuda.current_stream(device))
+                copies.store.wait_stream(compute)  # the update has written the moments
             for name in MOMENTS:
                 for view, state in zip(views[name], states):
                     state[name].copy_(view, non_blocking=True)
