@@ -121,6 +121,10 @@ class HostAdamW(torch.optim.Optimizer):
             size = max(2 * numel, self.bucket_bytes // torch.empty((), dtype=dtype).element_size())
             buffers = [torch.empty(size, dtype=dtype, device=device) for _ in range(2)]
             self._buffers[key] = buffers
+            if device in self._streams:
+                # New blocks may be memory that kernels queued on the compute stream still read: the copy stream
+                # writes into them only after those.
+                self._streams[device].load.wait_stream(torch.cuda.current_stream(device))
         return buffers
 
     @torch.no_grad()
@@ -138,18 +142,24 @@ class HostAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._slot = 0
-        for copies in self._streams.values():
-            # The moments sent back by the last step (ordered before the compute stream by the previous
-            # ``_finish``) are complete before this step reads them.
-            copies.load.wait_stream(torch.cuda.current_stream(copies.load.device))
+        devices = {param.device for group in self.param_groups for param in group["params"] if param.grad is not None}
+        for device in devices:
+            copies = self._copy_streams(device)
+            if copies:
+                # Everything queued on the compute stream comes first: the moments the last step sent back (the
+                # compute stream waited for them), and the last kernels that read memory the allocator may hand
+                # out again for this step's device buffers.
+                copies.load.wait_stream(torch.cuda.current_stream(device))
         for group in self.param_groups:
             params = [param for param in group["params"] if param.grad is not None]
             if any(param.grad.is_sparse for param in params):
                 raise RuntimeError("HostAdamW does not support sparse gradients")
             for bucket in self._buckets(params):
                 self._update(bucket, group)
-        for device, copies in self._streams.items():
-            torch.cuda.current_stream(device).wait_stream(copies.store)
+        for device in devices:
+            copies = self._copy_streams(device)
+            if copies:
+                torch.cuda.current_stream(device).wait_stream(copies.store)
         return loss
 
     def _update(self, bucket: _Bucket, group: dict[str, Any]) -> None:
