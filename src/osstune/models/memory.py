@@ -461,10 +461,11 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     - attention: RMSNorm ``4H + 4`` (float32 input and statistic); LoRA inputs and ``r * b`` intermediates;
       eager: query, repeated keys and values ``3 * heads * head_dim * b``, int64 max indices per head and the
       probabilities ``heads * (seq + 1) * b``; flex/sdpa: query, keys, values, output and per-head log-sum-exp;
-    - gpt-oss experts, per routed (token, expert) pair (K per token): two int64 indices, the routing weight,
-      the gate/up output ``2I * b`` (all the fused clamp-SwiGLU keeps), the expert output twice ``2H * b``,
-      plus, with expert LoRA, the expert input ``H * b``, the activation ``I * b`` and two intermediates; the
-      router's top-k indices and weights;
+    - gpt-oss experts, per routed (token, expert) pair (K per token): three int64 indices (token, expert and
+      pair of each row), the gate/up output ``2I * b`` (all the fused bias + LoRA + clamp-SwiGLU keeps), the
+      expert output ``H * b`` (the fused combine keeps it for the routing weights' gradient), plus, with expert
+      LoRA, the expert input ``H * b``, the activation ``I * b`` and two intermediates; the router's top-k indices
+      and weights;
     - dense gated MLP (other models): gate output, its activation and the up output ``3I * b``, plus, with LoRA,
       the shared gate/up input, the down input ``I * b`` and three intermediates.
 
@@ -507,7 +508,7 @@ def _experts_bytes(config: dict[str, Any], expert_lora: bool, router_lora: bool,
     inter = _size(config, "intermediate_size")
     top_k = _size(config, "num_experts_per_tok", "experts_per_token")
     router = top_k * (INDEX_BYTES + b) + ((hidden + rank) * b if router_lora else 0)
-    pair = 2 * INDEX_BYTES + b + 2 * inter * b + 2 * hidden * b
+    pair = 3 * INDEX_BYTES + 2 * inter * b + hidden * b
     if expert_lora:
         pair += (hidden + inter) * b + 2 * rank * b
     return router + top_k * pair
