@@ -224,3 +224,42 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(weightless_dir: Path, da
     assert "steps per epoch │ 2" in out and "2 (zero3)" in out
     assert "gathered layers" in out and "total" in out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("expert_lora", [True, False])
+def test_expert_activation_bytes_are_what_the_fused_path_saves(expert_lora: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router and experts of one layer on the grouped path (as on CUDA), bf16: the saved bytes grow by exactly
+    the estimate per token; what does not grow with the tokens is the adapter's bf16 copy."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    import osstune.models.gpt_oss.experts as experts_module
+    from osstune.models.lora import LoraSpec, apply_lora
+    from osstune.models.memory import _experts_bytes
+
+    monkeypatch.setattr(experts_module, "grouped_mm_applies", lambda *args: True)
+    config = GptOssConfig(num_hidden_layers=1, hidden_size=256, intermediate_size=256, head_dim=32,
+                          num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                          vocab_size=512, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager")
+    apply_lora(model, LoraSpec(rank=4, alpha=8, dropout=0.0, target_experts="all" if expert_lora else "none"))
+    mlp = model.model.layers[0].mlp
+    weights = {param.untyped_storage().data_ptr() for param in model.parameters()}
+
+    def saved_bytes(tokens: int) -> int:
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        x = torch.randn(1, tokens, 256, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            mlp(x)
+        return sum(saved.values())
+
+    per_token = (saved_bytes(192) - saved_bytes(64)) / 128
+    assert per_token == _experts_bytes(config.to_dict(), expert_lora, False, 4, 2)

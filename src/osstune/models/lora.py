@@ -22,6 +22,7 @@ from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.moe_lora import (
     EXPERT_PARAMETERS,
     GroupedExpertLoraForward,
+    enable_fused_experts,
     enable_grouped_expert_lora,
     expert_target_parameters,
 )
@@ -186,6 +187,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, console: Console | None = None)
     enable_fused_lora_linear(peft_model)
     if model.config.model_type == "gpt_oss":
         enable_grouped_expert_lora(peft_model)
+        enable_fused_experts(peft_model)
     return peft_model
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from osstune.errors import OsstuneError
+from osstune.models.gpt_oss.experts import GROUPED_MM_ALIGN_BYTES
 from osstune.train.host_optimizer import BUCKET_BYTES
 
 MEMINFO = Path("/proc/meminfo")
@@ -464,8 +465,9 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     - gpt-oss experts, per routed (token, expert) pair (K per token): three int64 indices (token, expert and
       pair of each row), the gate/up output ``2I * b`` (all the fused bias + LoRA + clamp-SwiGLU keeps), the
       expert output ``H * b`` (the fused combine keeps it for the routing weights' gradient), plus, with expert
-      LoRA, the expert input ``H * b``, the activation ``I * b`` and two intermediates; the router's top-k indices
-      and weights;
+      LoRA, the expert input ``H * b``, the activation ``I * b`` and two rank-r intermediates (r rounded up to
+      16-byte rows, as the grouped kernel pads it); the router's top-k indices and weights (experts with and
+      without LoRA both run osstune's fused expert pass);
     - dense gated MLP (other models): gate output, its activation and the up output ``3I * b``, plus, with LoRA,
       the shared gate/up input, the down input ``I * b`` and three intermediates.
 
@@ -510,5 +512,6 @@ def _experts_bytes(config: dict[str, Any], expert_lora: bool, router_lora: bool,
     router = top_k * (INDEX_BYTES + b) + ((hidden + rank) * b if router_lora else 0)
     pair = 3 * INDEX_BYTES + 2 * inter * b + hidden * b
     if expert_lora:
-        pair += (hidden + inter) * b + 2 * rank * b
+        multiple = max(1, GROUPED_MM_ALIGN_BYTES // b)  # the grouped kernel pads the rank to 16-byte rows
+        pair += (hidden + inter) * b + 2 * (-(-rank // multiple) * multiple) * b
     return router + top_k * pair

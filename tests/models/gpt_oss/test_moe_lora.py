@@ -378,3 +378,36 @@ def test_cuda_grouped_kernel_matches_references(rank: int):
     assert rel_err(out, loop_out) < 2e-2
     for grad, loop_grad in zip(grads, loop_grads, strict=True):
         assert rel_err(grad, loop_grad) < 2e-2
+
+
+def test_experts_without_lora_take_the_fused_forward_with_the_same_function():
+    # LoRA on the experts of layer 1 only: layer 0's dense experts get FusedExpertsForward; logits and every
+    # gradient (attention LoRA, layer 1's expert LoRA, through layer 0's experts) stay transformers' in float64.
+    from osstune.models.gpt_oss.moe_lora import FusedExpertsForward, enable_fused_experts
+
+    def model() -> PeftModel:
+        base = tiny_model().double()
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"],
+                            target_parameters=expert_target_parameters(base.config, layers=[1]))
+        peft_model = get_peft_model(base, config)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0.0, 0.3)
+        return peft_model
+
+    reference = model()
+    ref_logits, ref_grads = logits_and_grads(reference)
+    fused = model()
+    assert enable_grouped_expert_lora(fused) == 2
+    assert enable_fused_experts(fused) == 1
+    assert enable_fused_experts(fused) == 1  # idempotent
+    layers = fused.get_base_model().model.layers
+    assert isinstance(layers[0].mlp.experts.__dict__["forward"], FusedExpertsForward)
+    assert "forward" not in layers[1].mlp.experts.get_base_layer().__dict__  # the LoRA'd experts: PEFT's wrapper
+    logits, grads = logits_and_grads(fused)
+    assert rel_err(logits, ref_logits) < 1e-12
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-10, name

@@ -168,6 +168,71 @@ def enable_grouped_expert_lora(model: nn.Module) -> int:
     return count
 
 
+class FusedExpertsForward:
+    """The ``forward`` of a dense ``GptOssExperts`` without LoRA: osstune's grouped expert pass with its fused
+    kernels (``experts.experts_forward``), the same function as transformers' forward with less kept for the
+    backward pass.
+
+    Args:
+        experts: the module whose forward this becomes.
+    """
+
+    def __init__(self, experts: GptOssExperts) -> None:
+        self.experts = experts
+
+    def __call__(
+        self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the experts.
+
+        Args:
+            hidden_states: token states, [T, H].
+            router_indices: experts chosen per token, [T, K].
+            routing_weights: weight of each chosen expert, [T, K].
+
+        Returns:
+            The mixture's output, [T, H].
+        """
+        experts = self.experts
+        return experts_forward(
+            hidden_states,
+            router_indices,
+            routing_weights,
+            gate_up_EHF=experts.gate_up_proj,
+            gate_up_bias_EF=experts.gate_up_proj_bias,
+            down_EIH=experts.down_proj,
+            down_bias_EH=experts.down_proj_bias,
+            apply_gate=ClampSwiGLUGate(alpha=experts.alpha, limit=experts.limit),
+        )
+
+
+def enable_fused_experts(model: nn.Module) -> int:
+    """Give every dense ``GptOssExperts`` that carries no LoRA osstune's fused expert forward (``FusedExpertsForward``).
+
+    Experts under a PEFT wrapper take ``enable_grouped_expert_lora`` instead, and MXFP4 experts run that path
+    already. Calling it again changes nothing.
+
+    Args:
+        model: a model or ``PeftModel`` holding gpt-oss experts.
+
+    Returns:
+        How many expert layers use it.
+    """
+    wrapped = {id(wrapper.get_base_layer()) for wrapper, _ in _expert_wrappers(model)}
+    count = 0
+    for module in model.modules():
+        if type(module) is GptOssExperts and id(module) not in wrapped and not _has_parametrizations(module):
+            if not isinstance(module.__dict__.get("forward"), FusedExpertsForward):
+                module.forward = FusedExpertsForward(module)
+            count += 1
+    return count
+
+
+def _has_parametrizations(module: nn.Module) -> bool:
+    """Whether PEFT (or anything else) parametrises the module's weights: its own forward must then run."""
+    return bool(getattr(module, "parametrizations", None))
+
+
 def disable_grouped_expert_lora(model: nn.Module) -> int:
     """Give every expert module switched by ``enable_grouped_expert_lora`` PEFT's forward back.
 
