@@ -23,8 +23,8 @@ from transformers import PreTrainedConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.errors import OsstuneError
-from osstune.models.gpt_oss.experts import ClampSwiGLUGate, LoraFactors, experts_forward
-from osstune.models.gpt_oss.mxfp4_experts import Mxfp4Experts
+from osstune.models.gpt_oss.experts import LoraFactors
+from osstune.models.gpt_oss.mxfp4_experts import module_experts_forward
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 """The expert weight stacks that take LoRA, in PEFT ``target_parameters`` spelling."""
@@ -129,23 +129,8 @@ class GroupedExpertLoraForward:
             for adapter in wrapper.active_adapters:
                 if adapter in wrapper.lora_A:
                     loras[wrapper.parameter_name].append(peft_lora_factors(wrapper, adapter))
-        experts = self.wrapper.get_base_layer()
-        if isinstance(experts, Mxfp4Experts):
-            gate_up, down = experts.weight_stacks()
-        else:
-            gate_up, down = experts.gate_up_proj, experts.down_proj
-        return experts_forward(
-            hidden_states,
-            router_indices,
-            routing_weights,
-            gate_up_EHF=gate_up,
-            gate_up_bias_EF=experts.gate_up_proj_bias,
-            down_EIH=down,
-            down_bias_EH=experts.down_proj_bias,
-            apply_gate=ClampSwiGLUGate(alpha=experts.alpha, limit=experts.limit),
-            gate_up_loras=loras["gate_up_proj"],
-            down_loras=loras["down_proj"],
-        )
+        return module_experts_forward(self.wrapper.get_base_layer(), hidden_states, router_indices, routing_weights,
+                                      gate_up_loras=loras["gate_up_proj"], down_loras=loras["down_proj"])
 
 
 def enable_grouped_expert_lora(model: nn.Module) -> int:
@@ -193,17 +178,7 @@ class FusedExpertsForward:
         Returns:
             The mixture's output, [T, H].
         """
-        experts = self.experts
-        return experts_forward(
-            hidden_states,
-            router_indices,
-            routing_weights,
-            gate_up_EHF=experts.gate_up_proj,
-            gate_up_bias_EF=experts.gate_up_proj_bias,
-            down_EIH=experts.down_proj,
-            down_bias_EH=experts.down_proj_bias,
-            apply_gate=ClampSwiGLUGate(alpha=experts.alpha, limit=experts.limit),
-        )
+        return module_experts_forward(self.experts, hidden_states, router_indices, routing_weights)
 
 
 def enable_fused_experts(model: nn.Module) -> int:

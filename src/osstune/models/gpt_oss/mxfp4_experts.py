@@ -21,6 +21,7 @@ shards, so no dense copy of the experts is ever made, on the device or in host R
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from transformers import PreTrainedConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.errors import OsstuneError
-from osstune.models.gpt_oss.experts import ClampSwiGLUGate, experts_forward
+from osstune.models.gpt_oss.experts import ClampSwiGLUGate, LoraFactors, experts_forward
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
 EXPERT_STACKS: tuple[str, ...] = ("gate_up_proj", "down_proj")
@@ -322,17 +323,48 @@ class Mxfp4Experts(GptOssExperts):
                 "gate_up_proj / down_proj as the only expert targets, and cannot be merged; load with "
                 "expert_weights bf16 for PEFT's own forward or for merging"
             )
-        gate_up, down = self.weight_stacks()
-        return experts_forward(
-            hidden_states,
-            router_indices,
-            routing_weights,
-            gate_up_EHF=gate_up,
-            gate_up_bias_EF=self.gate_up_proj_bias,
-            down_EIH=down,
-            down_bias_EH=self.down_proj_bias,
-            apply_gate=ClampSwiGLUGate(alpha=self.alpha, limit=self.limit),
-        )
+        return module_experts_forward(self, hidden_states, router_indices, routing_weights)
+
+
+def module_experts_forward(
+    experts: GptOssExperts,
+    hidden_states: torch.Tensor,
+    router_indices: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate_up_loras: Sequence[LoraFactors] = (),
+    down_loras: Sequence[LoraFactors] = (),
+) -> torch.Tensor:
+    """``experts_forward`` on a gpt-oss experts module's own weights (its MXFP4 stacks for ``Mxfp4Experts``, else
+    the dense ones), biases and clamp-SwiGLU constants, with optional LoRA updates: the fused grouped pass that
+    osstune runs for every gpt-oss expert layer.
+
+    Args:
+        experts: a ``GptOssExperts`` or ``Mxfp4Experts``.
+        hidden_states: token states, [T, H].
+        router_indices: experts chosen per token, [T, K].
+        routing_weights: weight of each chosen expert, [T, K].
+        gate_up_loras: LoRA updates of the gate/up stack.
+        down_loras: LoRA updates of the down stack.
+
+    Returns:
+        The mixture's output, [T, H].
+    """
+    if isinstance(experts, Mxfp4Experts):
+        gate_up, down = experts.weight_stacks()
+    else:
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+    return experts_forward(
+        hidden_states,
+        router_indices,
+        routing_weights,
+        gate_up_EHF=gate_up,
+        gate_up_bias_EF=experts.gate_up_proj_bias,
+        down_EIH=down,
+        down_bias_EH=experts.down_proj_bias,
+        apply_gate=ClampSwiGLUGate(alpha=experts.alpha, limit=experts.limit),
+        gate_up_loras=gate_up_loras,
+        down_loras=down_loras,
+    )
 
 
 def dense_expert_weights(model: nn.Module) -> list[str]:
