@@ -231,6 +231,8 @@ class HostAdamW(torch.optim.Optimizer):
         Args:
             state_dict: as returned by ``state_dict``.
         """
+        for copies in self._streams.values():
+            copies.store.synchronize()  # no copy of the last step still writes into the moments being replaced
         super().load_state_dict(state_dict)
         for param, state in self.state.items():
             for name in MOMENTS:
