@@ -3,6 +3,7 @@ gpt-oss: the same losses as without them, where the weights are during training,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from osstune.cli import main
 from osstune.config import TemplateArgs
 from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.mxfp4_experts import Mxfp4Experts
+from osstune.models.memory import format_bytes
 from osstune.train import sft
 from osstune.train.args import LoadArgs, LoraArgs, SftDataArgs, TrackArgs, TrainArgs
 from osstune.train.dry_run import plan_training
@@ -165,5 +167,22 @@ def test_dry_run_keeps_the_embedding_off_the_gpu_estimate(tiny_model_dir: Path, 
                                world_size=1)
     assert on_device.memory.optimizer == on_device.counts.trainable * 8
     assert host_state.memory.optimizer == min(2 * BUCKET_BYTES, on_device.counts.trainable * 8)
+    assert host_state.host_optimizer and not on_device.host_optimizer
     with pytest.raises(OsstuneError, match="Add --expert_weights mxfp4"):
         plan_training(config(tiny_model_dir, data_file, tmp_path, dequant_experts=2), world_size=1)
+
+
+def test_dry_run_prints_what_stays_in_host_ram(tiny_model_dir: Path, data_file: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "240")  # one line per table row
+    code = main(["sft", "--model", str(tiny_model_dir), "--dataset", str(data_file), "--output_dir",
+                 str(tmp_path / "out"), "--report_to", "none", "--offload_embeddings", "true",
+                 "--offload_optimizer", "true", "--dry_run", "true"])
+    assert code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    plan = plan_training(dataclasses.replace(config(tiny_model_dir, data_file, tmp_path),
+                                             lora=LoraArgs()), world_size=1)  # the CLI's default rank
+    assert f"host RAM │ input embedding, {EMBEDDING:,} params (0.4 MiB); AdamW moments " \
+           f"({format_bytes(plan.counts.trainable * 8)})" in out
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from osstune.models.memory import (
+    ADAMW_BYTES,
     ATTENTION_PROJECTIONS,
     MXFP4_BYTES,
     LoraLayout,
@@ -56,6 +57,7 @@ class DryRunPlan:
         seq_source: where ``shape.seq_len`` comes from (``--max_length`` or the longest sample).
         checkpointing: which decoder layers are checkpointed (``shape`` follows it).
         memory: the per-GPU estimate.
+        host_optimizer: AdamW's moments live in host RAM (``--offload_optimizer true``).
     """
 
     model_type: str
@@ -73,6 +75,7 @@ class DryRunPlan:
     seq_source: str
     checkpointing: CheckpointPlan
     memory: MemoryEstimate
+    host_optimizer: bool = False
 
 
 def dry_run(cfg: Any, console: Console | None = None, world_size: int | None = None) -> int:
@@ -161,7 +164,8 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
                       engine=engine, world_size=world, train_rows=rows, grad_accum=t.gradient_accumulation_steps,
                       steps_per_epoch=per_epoch, total_steps=total,
                       effective_batch=t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
-                      shape=shape, seq_source=seq_source, checkpointing=checkpointing, memory=memory)
+                      shape=shape, seq_source=seq_source, checkpointing=checkpointing, memory=memory,
+                      host_optimizer=t.offload_optimizer)
 
 
 def shape_for(shape: TrainingShape, plan: CheckpointPlan) -> TrainingShape:
@@ -314,9 +318,14 @@ def plan_tables(plan: DryRunPlan) -> list[Any]:
         summary.add_row("MXFP4 experts", f"{plan.counts.packed:,} params "
                                          f"({format_bytes(math.ceil(plan.counts.packed * MXFP4_BYTES))}); "
                                          f"{plan.counts.scratch:,} dequantised at once")
+    host = []
     if plan.counts.host:
-        summary.add_row("host RAM", f"input embedding, {plan.counts.host:,} params "
-                                    f"({format_bytes(plan.counts.host * plan.dtype.itemsize)})")
+        host.append(f"input embedding, {plan.counts.host:,} params "
+                    f"({format_bytes(plan.counts.host * plan.dtype.itemsize)})")
+    if plan.host_optimizer:
+        host.append(f"AdamW moments ({format_bytes(plan.counts.trainable * ADAMW_BYTES)})")
+    if host:
+        summary.add_row("host RAM", "; ".join(host))
     summary.add_row("LoRA", f"r={plan.lora.rank}: {plan.counts.trainable:,} trainable params")
     summary.add_row("processes", f"{plan.world_size} ({plan.engine})")
     summary.add_row("effective batch", f"{plan.effective_batch} = {plan.shape.micro_batch} per device x "
