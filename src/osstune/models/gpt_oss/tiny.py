@@ -87,6 +87,11 @@ TINY_MODEL_FILES: tuple[str, ...] = (
 
 _RESOURCES = Path(__file__).resolve().parents[2] / "resources"
 
+TINY_SIZES = GptOssSizes(num_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=8, experts_per_token=2, intermediate_size=64, sliding_window=16, vocab_size=3072)
+"""The tiny model's sizes (``write_tiny_model``'s defaults): small enough for CPU tests in seconds, every
+gpt-oss feature present (grouped-query attention, sliding and full layers, top-k routing, MXFP4 blocks)."""
+
 
 def bundled_texts(resources_dir: Path = _RESOURCES) -> list[str]:
     """Every string value found in the ``.jsonl`` files under ``resources_dir``, in a fixed order.
@@ -161,17 +166,8 @@ def write_tiny_model(
     *,
     mxfp4: bool = True,
     seed: int = 0,
-    num_layers: int = 4,
-    hidden_size: int = 64,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    head_dim: int = 16,
-    num_experts: int = 8,
-    experts_per_token: int = 2,
-    intermediate_size: int = 64,
-    sliding_window: int = 16,
-    vocab_size: int = 3072,
     init_std: float = 0.02,
+    **overrides: int,
 ) -> Path:
     """Write a tiny random gpt-oss model (config, weights, tokenizer, chat template) in the Hugging Face layout.
 
@@ -195,33 +191,17 @@ def write_tiny_model(
         out_dir: folder to write; created if missing. It may hold only files this function writes.
         mxfp4: store the experts in MXFP4, as gpt-oss ships them.
         seed: seed of the random weights (the tokenizer does not depend on it).
-        num_layers: decoder layers.
-        hidden_size: model width; a multiple of 32 (an MXFP4 block).
-        num_attention_heads: query heads.
-        num_key_value_heads: key/value heads (grouped-query attention); divides ``num_attention_heads``.
-        head_dim: width of one attention head.
-        num_experts: experts per layer.
-        experts_per_token: experts each token is routed to (top-k).
-        intermediate_size: expert hidden width; a multiple of 32.
-        sliding_window: attention window of the sliding-attention layers.
-        vocab_size: target tokenizer size including the harmony special tokens.
         init_std: standard deviation of the random weights.
+        overrides: fields of ``GptOssSizes`` that differ from ``TINY_SIZES`` (``vocab_size`` is the target tokenizer
+            size including the harmony special tokens).
 
     Returns:
         The folder, as a ``Path``.
     """
-    sizes = GptOssSizes(
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        num_experts=num_experts,
-        experts_per_token=experts_per_token,
-        intermediate_size=intermediate_size,
-        sliding_window=sliding_window,
-        vocab_size=vocab_size,
-    )
+    try:
+        sizes = dataclasses.replace(TINY_SIZES, **overrides)
+    except TypeError as exc:
+        raise OsstuneError(f"write_tiny_model: {exc}; the sizes are the fields of GptOssSizes") from None
     check_sizes(sizes)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -231,7 +211,7 @@ def write_tiny_model(
         raise OsstuneError(f"{out} already holds other files ({', '.join(foreign[:5])}); choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer(bundled_texts(), vocab_size)
+    tokenizer = train_tokenizer(bundled_texts(), sizes.vocab_size)
     config = build_config(
         dataclasses.replace(sizes, vocab_size=64 * math.ceil(tokenizer.get_vocab_size() / 64)),
         eos_token_id=tokenizer.token_to_id("<|return|>"),
