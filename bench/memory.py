@@ -294,6 +294,7 @@ def run_cell(name: str, model: Any, setup: Setup, length: int, options: Options,
         gc.collect()
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
+    torch.manual_seed(seed)  # the same LoRA A in every cell, so that their losses compare
     peft_model = apply_lora(model, LoraSpec(rank=8, alpha=16, dropout=0.0))
     layers = model.config.num_hidden_layers
     plan = plan_checkpointing("true", num_layers=layers, free_bytes=None, layer_bytes_full=[0] * layers,

@@ -57,10 +57,9 @@ def test_lean_cells_train_the_same_losses(memory: Any, tmp_path: Path, monkeypat
     for name in ("20b mxfp4 lean d2+acts+emb+opt 1x128", "20b mxfp4 lean emb 1x128", "20b bf16 1x128"):
         first, last = cells[name]["loss"]
         assert first == plain[0], name  # same weights and tokens, LoRA B at zero: the base model's loss
-        # The tiny benchmark computes in bfloat16: after one update the settings agree to bf16 noise, well within
-        # the step's own change of the loss.
-        assert last == pytest.approx(plain[1], rel=1e-3), name
-        assert abs(last - plain[1]) < 0.25 * (plain[0] - plain[1]), name
+        # Every cell starts from the same LoRA initialisation: the memory options change where tensors live and
+        # how the experts are dequantised, not the arithmetic, so the update gives the same loss.
+        assert last == pytest.approx(plain[1], rel=1e-6, abs=0), name
     lean = cells["20b mxfp4 lean d2+acts+emb+opt 1x128"]
     assert lean["host_gib"] is not None and cells["20b mxfp4 1x128"]["host_gib"] is None
 
