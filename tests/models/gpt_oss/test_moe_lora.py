@@ -383,7 +383,7 @@ def test_cuda_grouped_kernel_matches_references(rank: int):
 def test_experts_without_lora_take_the_fused_forward_with_the_same_function():
     # LoRA on the experts of layer 1 only: layer 0's dense experts get FusedExpertsForward; logits and every
     # gradient (attention LoRA, layer 1's expert LoRA, through layer 0's experts) stay transformers' in float64.
-    from osstune.models.gpt_oss.moe_lora import FusedExpertsForward, enable_fused_experts
+    from osstune.models.gpt_oss.moe_lora import enable_fused_experts, is_fused_experts_forward
 
     def model() -> PeftModel:
         base = tiny_model().double()
@@ -404,7 +404,7 @@ def test_experts_without_lora_take_the_fused_forward_with_the_same_function():
     assert enable_fused_experts(fused) == 1
     assert enable_fused_experts(fused) == 1  # idempotent
     layers = fused.get_base_model().model.layers
-    assert isinstance(layers[0].mlp.experts.__dict__["forward"], FusedExpertsForward)
+    assert is_fused_experts_forward(layers[0].mlp.experts)
     assert "forward" not in layers[1].mlp.experts.get_base_layer().__dict__  # the LoRA'd experts: PEFT's wrapper
     logits, grads = logits_and_grads(fused)
     assert rel_err(logits, ref_logits) < 1e-12

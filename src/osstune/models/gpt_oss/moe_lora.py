@@ -13,6 +13,7 @@ Saving stays ``model.save_pretrained``, loading stays ``PeftModel.from_pretraine
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -153,36 +154,10 @@ def enable_grouped_expert_lora(model: nn.Module) -> int:
     return count
 
 
-class FusedExpertsForward:
-    """The ``forward`` of a dense ``GptOssExperts`` without LoRA: osstune's grouped expert pass with its fused
-    kernels (``experts.experts_forward``), the same function as transformers' forward with less kept for the
-    backward pass.
-
-    Args:
-        experts: the module whose forward this becomes.
-    """
-
-    def __init__(self, experts: GptOssExperts) -> None:
-        self.experts = experts
-
-    def __call__(
-        self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Run the experts.
-
-        Args:
-            hidden_states: token states, [T, H].
-            router_indices: experts chosen per token, [T, K].
-            routing_weights: weight of each chosen expert, [T, K].
-
-        Returns:
-            The mixture's output, [T, H].
-        """
-        return module_experts_forward(self.experts, hidden_states, router_indices, routing_weights)
-
-
 def enable_fused_experts(model: nn.Module) -> int:
-    """Give every dense ``GptOssExperts`` that carries no LoRA osstune's fused expert forward (``FusedExpertsForward``).
+    """Give every dense ``GptOssExperts`` that carries no LoRA osstune's fused expert pass as its forward
+    (``module_experts_forward`` on its own weights): the same function as transformers' forward, with less kept for
+    the backward pass.
 
     Experts under a PEFT wrapper take ``enable_grouped_expert_lora`` instead, and MXFP4 experts run that path
     already. Calling it again changes nothing.
@@ -197,10 +172,20 @@ def enable_fused_experts(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is GptOssExperts and id(module) not in wrapped and not _has_parametrizations(module):
-            if not isinstance(module.__dict__.get("forward"), FusedExpertsForward):
-                module.forward = FusedExpertsForward(module)
+            if not is_fused_experts_forward(module):
+                module.forward = functools.partial(module_experts_forward, module)
             count += 1
     return count
+
+
+def is_fused_experts_forward(module: nn.Module) -> bool:
+    """Whether ``enable_fused_experts`` switched this experts module to the fused pass.
+
+    Args:
+        module: an experts module.
+    """
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is module_experts_forward
 
 
 def _has_parametrizations(module: nn.Module) -> bool:
