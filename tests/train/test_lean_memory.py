@@ -186,3 +186,18 @@ def test_dry_run_prints_what_stays_in_host_ram(tiny_model_dir: Path, data_file: 
     assert f"host RAM │ input embedding, {EMBEDDING:,} params (0.4 MiB); AdamW moments " \
            f"({format_bytes(plan.counts.trainable * 8)})" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_one_process_with_several_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Trainer would wrap the model in nn.DataParallel, which cannot replicate a table in host RAM."""
+    import torch
+
+    from osstune.train.sft import check_one_gpu_per_process
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(OsstuneError, match=r"this process sees 2 GPUs .*\(CUDA_VISIBLE_DEVICES=0\).*NPROC_PER_NODE=N"):
+        check_one_gpu_per_process(world_size=1)
+    check_one_gpu_per_process(world_size=2)  # one GPU per process under DDP
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_one_gpu_per_process(world_size=1)

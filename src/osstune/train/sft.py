@@ -149,6 +149,7 @@ def _check_flags(cfg: SftConfig, world_size: int = 1) -> None:
     check_dequant_experts(cfg.load.dequant_experts, cfg.load.expert_weights)
     if cfg.load.offload_embeddings:
         check_embedding_offload(cfg.train)
+        check_one_gpu_per_process(world_size)
     if cfg.train.offload_optimizer and sharded_engine(cfg.train):
         raise OsstuneError("--offload_optimizer true cannot be combined with --deepspeed or --fsdp: they shard the "
                            "optimizer state themselves. Use --deepspeed zero3_offload (or zero2_offload) to keep it "
@@ -185,6 +186,25 @@ def check_embedding_offload(training: TrainArgs) -> None:
     if sharded_engine(training):
         raise OsstuneError("--offload_embeddings true cannot be combined with --deepspeed or --fsdp: they place and "
                            "shard every weight themselves (the embedding included). Use --offload_embeddings false.")
+
+
+def check_one_gpu_per_process(world_size: int) -> None:
+    """With a host-RAM input embedding, a lone process must see one GPU: with several, the Trainer would replicate
+    the model over them with ``nn.DataParallel``, which cannot replicate a table in host RAM.
+
+    Args:
+        world_size: how many processes will train together.
+
+    Raises:
+        OsstuneError: one process that sees several GPUs, saying how to pick one or use them all.
+    """
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if world_size == 1 and visible > 1:
+        raise OsstuneError(f"--offload_embeddings true trains on one GPU per process, but this process sees {visible} "
+                           "GPUs and would replicate the model over them with nn.DataParallel. Choose one GPU "
+                           "(CUDA_VISIBLE_DEVICES=0), or train on all of them with NPROC_PER_NODE=N.")
 
 
 def _check_deepspeed(value: str | None) -> None:
