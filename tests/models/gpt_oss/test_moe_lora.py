@@ -62,14 +62,15 @@ def tiny_model() -> GptOssForCausalLM:
     return model.eval()
 
 
-def tiny_peft_model(use_rslora: bool = False) -> PeftModel:
-    """PEFT LoRA on attention and on the experts of both layers, with random non-zero A and B."""
-    model = tiny_model()
+def tiny_peft_model(use_rslora: bool = False, expert_layers: str | list[int] = "all",
+                    dtype: torch.dtype = torch.float32) -> PeftModel:
+    """PEFT LoRA on attention and on the experts of ``expert_layers`` (default both), with random non-zero A and B."""
+    model = tiny_model().to(dtype)
     config = LoraConfig(
         r=RANK,
         lora_alpha=ALPHA,
         target_modules=["q_proj", "v_proj"],
-        target_parameters=expert_target_parameters(model.config),
+        target_parameters=expert_target_parameters(model.config, layers=expert_layers),
         use_rslora=use_rslora,
     )
     peft_model = get_peft_model(model, config)
@@ -381,21 +382,12 @@ def test_cuda_grouped_kernel_matches_references(rank: int):
 
 
 def test_experts_without_lora_take_the_fused_forward_with_the_same_function():
-    # LoRA on the experts of layer 1 only: layer 0's dense experts get FusedExpertsForward; logits and every
-    # gradient (attention LoRA, layer 1's expert LoRA, through layer 0's experts) stay transformers' in float64.
+    # LoRA on the experts of layer 1 only: layer 0's dense experts get the fused pass; logits and every gradient
+    # (attention LoRA, layer 1's expert LoRA, through layer 0's experts) stay transformers' in float64.
     from osstune.models.gpt_oss.moe_lora import enable_fused_experts, is_fused_experts_forward
 
     def model() -> PeftModel:
-        base = tiny_model().double()
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"],
-                            target_parameters=expert_target_parameters(base.config, layers=[1]))
-        peft_model = get_peft_model(base, config)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0.0, 0.3)
-        return peft_model
+        return tiny_peft_model(expert_layers=[1], dtype=torch.float64)
 
     reference = model()
     ref_logits, ref_grads = logits_and_grads(reference)

@@ -197,8 +197,9 @@ class Mxfp4Stack:
         num_experts = self.blocks.shape[0]
         if not self.max_dense_experts or self.max_dense_experts >= num_experts or units <= align:
             return [slice(None)]
-        count = -(-num_experts // self.max_dense_experts)
-        step = -(-(-(-units // count)) // align) * align
+        count = -(-num_experts // self.max_dense_experts)  # ceil
+        per_slice = -(-units // count)
+        step = -(-per_slice // align) * align
         return [slice(start, min(start + step, units)) for start in range(0, units, step)]
 
 
