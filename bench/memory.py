@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -55,6 +54,7 @@ from train_step import (  # noqa: E402 - the benchmark's own helpers, next to th
     LEARNING_RATE,
     make_setup,
     measure,
+    save,
     token_shares,
     train_step,
 )
@@ -461,10 +461,7 @@ def report(cell: MemoryCell, cells: list[MemoryCell], out_dir: str | None) -> No
     host = f"{cell.host_gib:.2f}" if cell.host_gib is not None else "-"
     print(f"| {cell.name} | {cell.status} | {cell.tokens:,} | {rate} | {peak} | {host} | "
           f"{', '.join(f'{key} {value}' for key, value in cell.breakdown_gib.items())} |", flush=True)
-    if out_dir:
-        path = Path(out_dir) / "memory.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([asdict(item) for item in cells], indent=2) + "\n", encoding="utf-8")
+    save([asdict(item) for item in cells], out_dir, "memory.json")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

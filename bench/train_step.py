@@ -923,16 +923,17 @@ def environment(setup: Setup) -> dict[str, Any]:
             "transformers": transformers.__version__, "peft": peft.__version__, "liger_kernel": liger}
 
 
-def save(record: dict[str, Any], out_dir: str | None) -> None:
-    """Write the record to ``OUT/train_step.json`` when OUT is set.
+def save(record: Any, out_dir: str | None, name: str = "train_step.json") -> None:
+    """Write the record as JSON to ``OUT/name`` when OUT is set.
 
     Args:
-        record: everything measured so far.
+        record: everything measured so far (JSON-serialisable).
         out_dir: the OUT folder, or None to write nothing.
+        name: the file's name.
     """
     if not out_dir:
         return
-    path = Path(out_dir) / "train_step.json"
+    path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
