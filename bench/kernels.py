@@ -5,7 +5,8 @@
   ``clamp_swiglu`` on its Triton kernels. Also reported: the memory held between forward and backward
   (what autograd saves plus the output).
 - MXFP4 dequantisation of one layer's expert stacks to bf16: gate_up (32 x 2880 x 5760) and down
-  (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``.
+  (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``; then
+  the layout training reads (``transposed=False``) under each launch tile of ``SWEEP_TILES``.
 - The elementwise passes of the grouped expert forward, forward + backward, at T = 8192 tokens routed top-4
   (S = 32768 rows), F = 5760, H = 2880 in bf16, the unfused PyTorch operations against the fused passes of
   ``osstune.kernels.moe``: gate = add the gathered gate/up bias and the LoRA product to the base projection, then
@@ -137,6 +138,54 @@ def bench_dequantize() -> list[dict[str, object]]:
     return rows
 
 
+SWEEP_TILES: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 4), (64, 128, 4), (32, 256, 4), (64, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 512, 8),
+    (128, 256, 8),
+)
+"""(rows, cols, warps) launch tiles ``sweep_dequantize`` times."""
+
+
+def sweep_dequantize() -> list[dict[str, object]]:
+    """Time ``dequantize_mxfp4_triton`` in the layout training uses (``transposed=False``: the checkpoint's
+    ``[E, O, I]`` order) under each tile of ``SWEEP_TILES``, checking each against the reference bit for bit.
+
+    Returns:
+        One row per (stack, tile): name, tile, ms, GB/s; the tile in ``mxfp4.TILES[False]`` is marked.
+    """
+    from osstune.kernels import mxfp4
+    from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    stacks = {
+        f"gate_up {EXPERTS}x{2 * INTERMEDIATE}x{HIDDEN}": (EXPERTS, 2 * INTERMEDIATE, HIDDEN // 32),
+        f"down {EXPERTS}x{HIDDEN}x{INTERMEDIATE}": (EXPERTS, HIDDEN, INTERMEDIATE // 32),
+    }
+    current = mxfp4.TILES[False]
+    rows = []
+    try:
+        for stack, (experts, out_rows, groups) in stacks.items():
+            blocks = torch.randint(0, 256, (experts, out_rows, groups, 16), device="cuda", dtype=torch.uint8,
+                                   generator=generator)
+            scales = torch.randint(110, 135, (experts, out_rows, groups), device="cuda", dtype=torch.uint8,
+                                   generator=generator)
+            moved = blocks.numel() + scales.numel() + blocks.numel() * 2 * 2
+            expected = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2)
+            scratch = torch.empty(experts, out_rows, groups * 32, device="cuda", dtype=torch.bfloat16)
+            for tile in SWEEP_TILES:
+                mxfp4.TILES[False] = mxfp4.Tile(*tile)
+                mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch, transposed=False)
+                if not torch.equal(scratch, expected):
+                    raise SystemExit(f"tile {tile} disagrees with dequantize_mxfp4 on {stack}")
+                ms = median_ms(lambda: mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch,
+                                                                     transposed=False))
+                mark = " (current)" if mxfp4.Tile(*tile) == current else ""
+                rows.append({"name": f"{stack} rows {tile[0]} cols {tile[1]} warps {tile[2]}{mark}",
+                             "tile": list(tile), "ms": ms, "gb_per_s": moved / ms / 1e6})
+    finally:
+        mxfp4.TILES[False] = current
+    return rows
+
+
 def bench_moe() -> list[dict[str, object]]:
     """Time the unfused PyTorch operations and the fused passes of the expert forward, forward + backward.
 
@@ -216,6 +265,7 @@ def main() -> int:
     swiglu_rows = bench_swiglu()
     dequantize_rows = bench_dequantize()
     moe_rows = bench_moe()
+    sweep_rows = sweep_dequantize()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"SwiGLU fwd+bwd, S={PAIRS} x F={GATE_UP_WIDTH} bf16")
     print(f"| {'implementation':<34} | {'ms':>8} | {'GB/s':>7} | {'held MiB':>8} |")
@@ -225,6 +275,10 @@ def main() -> int:
     print(f"| {'implementation':<55} | {'ms':>8} | {'GB/s':>7} |")
     for row in dequantize_rows:
         print(f"| {row['name']:<55} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
+    print("MXFP4 -> bf16 in the training layout ([E, O, I]), by launch tile")
+    print(f"| {'stack and tile':<60} | {'ms':>8} | {'GB/s':>7} |")
+    for row in sweep_rows:
+        print(f"| {row['name']:<60} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
     print(f"Expert elementwise passes fwd+bwd, S={PAIRS} F={GATE_UP_WIDTH} H={HIDDEN} T={TOKENS} K={TOP_K} bf16")
     print(f"| {'implementation':<42} | {'ms':>8} | {'GB/s':>7} |")
     for row in moe_rows:
@@ -240,7 +294,8 @@ def main() -> int:
         path = Path(os.environ["OUT"]) / "kernels.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "swiglu": swiglu_rows, "dequantize": dequantize_rows, "moe": moe_rows},
+                                    "swiglu": swiglu_rows, "dequantize": dequantize_rows, "moe": moe_rows,
+                                    "dequantize_tiles": sweep_rows},
                                    indent=2))
     return 0
 

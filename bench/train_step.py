@@ -8,14 +8,15 @@ nothing is downloaded. Each stack then wraps that model with PEFT, is timed, and
   (``experts_implementation="eager"``), PEFT ``target_modules="all-linear"`` plus ``target_parameters`` on the
   experts of layers 7/15/23, the model's own loss.
 - ``hf_best``: the best Hugging Face stack: flex_attention, grouped_mm experts, PEFT on all-linear plus the experts
-  of all layers, liger's fused linear cross-entropy (the HF loss when liger is not importable).
+  of all layers, liger's fused linear cross-entropy (the HF loss when liger is not importable) and liger's RMSNorm
+  and rotary embedding, as ``use_liger_kernel=True`` applies them in the Trainer (``liger_layer_kernels``).
 - ``osstune``: ``apply_lora(model, LoraSpec(rank=8, alpha=16, dropout=0.0))`` (attention plus the experts of all
   layers on the grouped ``(X @ A) @ B`` forward with its fused kernels), the experts kept as MXFP4 blocks/scales
   (``--expert_weights mxfp4``; the model's expert weights are rounded to MXFP4 values at build time, as gpt-oss
   ships them, so every stack computes the same function), ``--gradient_checkpointing auto`` planned within
-  ``hf_best``'s peak on the same scenario, flex_attention, the same loss as ``hf_best``, and padding-free packing
-  (``PackingCollator`` + ``install_packed_attention_masks``) for the real-length mix. ``--osstune-variants`` adds
-  rows that change one of these (``VARIANTS``).
+  ``hf_best``'s peak on the same scenario, flex_attention, the same loss and liger kernels as ``hf_best``, and
+  padding-free packing (``PackingCollator`` + ``install_packed_attention_masks``) for the real-length mix.
+  ``--osstune-variants`` adds rows that change one of these (``VARIANTS``).
 
 All stacks: LoRA r=8, alpha 16, no dropout, bf16 weights; ``seed`` and ``hf_best`` checkpoint every layer
 (non-reentrant). One step is
@@ -50,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import numpy as np
@@ -369,6 +371,42 @@ def linear_cross_entropy(tiny: bool, use_liger: bool) -> tuple[LinearCrossEntrop
     except ImportError as exc:
         return None, f"HF loss (liger not importable: {exc.__class__.__name__})"
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX), "liger fused linear CE"
+
+
+def liger_layer_kernels(model: Any) -> tuple[Callable[[], None] | None, str]:
+    """Put liger-kernel's RMSNorm and rotary embedding into the model's decoder, as ``use_liger_kernel=True`` does
+    in the Hugging Face Trainer (TRL's recipe flag, and ``osstune sft --use_liger_kernel true``): every
+    ``GptOssRMSNorm`` instance runs ``LigerRMSNorm.forward`` (llama casting, in place), and transformers' gpt-oss
+    module calls liger's rotary embedding.
+
+    Args:
+        model: the unwrapped gpt-oss model, on CUDA.
+
+    Returns:
+        A function that undoes both (None when liger does not import) and a label for the notes.
+    """
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb_gpt_oss
+    except ImportError as exc:
+        return None, f"HF RMSNorm and RoPE (liger not importable: {exc.__class__.__name__})"
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    norms = [module for module in model.modules() if isinstance(module, modeling_gpt_oss.GptOssRMSNorm)]
+    added = ("offset", "casting_mode", "in_place", "row_mode", "forward")
+    for norm in norms:
+        norm.offset, norm.casting_mode, norm.in_place, norm.row_mode = 0.0, "llama", True, None
+        norm.forward = MethodType(LigerRMSNorm.forward, norm)
+    rope = modeling_gpt_oss.apply_rotary_pos_emb
+    modeling_gpt_oss.apply_rotary_pos_emb = liger_rotary_pos_emb_gpt_oss
+
+    def undo() -> None:
+        modeling_gpt_oss.apply_rotary_pos_emb = rope
+        for norm in norms:
+            for name in added:
+                norm.__dict__.pop(name, None)
+
+    return undo, "liger RMSNorm + RoPE"
 
 
 def step_loss(model: PeftModel, batch: dict[str, torch.Tensor], linear_ce: LinearCrossEntropy | None) -> torch.Tensor:
@@ -795,6 +833,8 @@ def run_stack(
     base_stack, _, variant = stack.partition("[")
     options_on = set(variant.rstrip("]").split("+")) - {""}
     parked = park_dense_experts(model) if base_stack == "osstune" and "bf16" not in options_on else []
+    undo_liger, liger_label = (None, "") if stack == "seed" or setup.device.type != "cuda" else (
+        liger_layer_kernels(model))
     try:
         peft_model, pieces = wrap(base_stack, model, setup, loss_label)
     except Exception as exc:  # noqa: BLE001 - the other stacks still run; the traceback goes to stderr
@@ -803,7 +843,11 @@ def run_stack(
         for scenario in scenarios:
             report(Cell(stack, scenario.name, status, scenario.tokens, 0, notes=str(exc).replace("|", "/")[:200]))
         restore_dense_experts(model, parked)
+        if undo_liger is not None:
+            undo_liger()
         return {"pieces": status, "trainable_params": 0}
+    if liger_label:
+        pieces += f"; {liger_label}"
     if parked:
         pieces += "; experts MXFP4-resident"
     if "nockpt" in options_on:
@@ -835,6 +879,8 @@ def run_stack(
         if auto or "nockpt" in options_on:
             model.activation_checkpointing_enable()
         restore_dense_experts(model, parked)
+        if undo_liger is not None:
+            undo_liger()
         for module in model.modules():
             if _is_compiled(module):
                 del module.forward

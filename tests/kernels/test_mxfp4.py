@@ -68,16 +68,22 @@ def test_every_code_byte_and_scale_byte_is_the_exact_product(mxfp4_kernels: Modu
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", [(128, 64, 4), (32, 256, 4), (16, 512, 4)])
 @pytest.mark.parametrize(("experts", "rows", "groups"), [(3, 130, 3), (2, 5, 1), (1, 257, 5)])
 def test_random_shapes_with_partial_tiles(
-    mxfp4_kernels: ModuleType, dtype: torch.dtype, experts: int, rows: int, groups: int
+    mxfp4_kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, tile: tuple[int, int, int],
+    experts: int, rows: int, groups: int
 ):
-    # Tiles are 128 rows x 64 columns: these shapes leave partial tiles on both axes (odd group counts).
-    assert mxfp4_kernels.BLOCK_ROWS == 128 and mxfp4_kernels.BLOCK_COLS == 64
-    blocks, scales = random_codes(experts, rows, groups, seed=rows)
-    out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype)
-    assert out.shape == (experts, 32 * groups, rows) and out.is_contiguous()
-    assert torch.equal(bits(out), bits(dequantize_mxfp4(blocks, scales, dtype)))
+    # These shapes leave partial tiles on both axes under every tile (row counts off multiples of 16, odd group
+    # counts), in both output layouts.
+    expected = bits(dequantize_mxfp4(*random_codes(experts, rows, groups, seed=rows), dtype))
+    for transposed in (True, False):
+        monkeypatch.setitem(mxfp4_kernels.TILES, transposed, mxfp4_kernels.Tile(*tile))
+        blocks, scales = random_codes(experts, rows, groups, seed=rows)
+        out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype, transposed=transposed)
+        assert out.shape == ((experts, 32 * groups, rows) if transposed else (experts, rows, 32 * groups))
+        assert out.is_contiguous()
+        assert torch.equal(bits(out), expected if transposed else expected.transpose(1, 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

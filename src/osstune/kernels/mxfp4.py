@@ -13,12 +13,14 @@ zeros. The reference computes exactly that wherever ``torch.ldexp`` has its exac
 2.13 does); builds whose ``ldexp`` multiplies by ``pow(2, exponent)`` give ``±inf`` for ``±0.5`` and NaN for zero
 codes at scale byte 255, and agree everywhere else.
 
-Each program decodes a tile of ``BLOCK_ROWS`` checkpoint rows x ``BLOCK_COLS`` columns of one expert: it reads the
+Each program decodes a tile (``TILES``) of checkpoint rows x columns of one expert: it reads the
 packed bytes row-major (16 per scale group) and each scale byte once, and writes the tile transposed so that the
 stores run along the output's contiguous dimension. The grid spans row tiles x column tiles x experts.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,14 +28,26 @@ import triton.language as tl
 
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE
 
-BLOCK_ROWS = 128
-"""Checkpoint rows (output columns of the dense ``[E, cols, rows]`` tensor) per program."""
 
-BLOCK_COLS = 64
-"""Checkpoint columns (dense rows) per program: ``BLOCK_COLS / 2`` packed bytes of each row."""
 
-NUM_WARPS = 4
-"""Warps per program."""
+class Tile(NamedTuple):
+    """One program's share of the work and its warps.
+
+    Args:
+        rows: checkpoint rows per program.
+        cols: checkpoint columns per program (a power of two, at least one scale group of 32): ``cols / 2`` packed
+            bytes of each row.
+        warps: warps per program.
+    """
+
+    rows: int
+    cols: int
+    warps: int
+
+
+TILES: dict[bool, Tile] = {True: Tile(128, 64, 4), False: Tile(128, 64, 4)}
+"""The launch tile for each output layout (``transposed`` True / False); ``bench/kernels.py --sweep-dequant`` times
+the alternatives."""
 
 OUTPUT_KINDS: dict[torch.dtype, tuple[int, torch.dtype]] = {
     torch.float32: (0, torch.int32),
@@ -160,7 +174,8 @@ def dequantize_mxfp4_triton(
         )
     if out.numel():
         kind, bits_dtype = OUTPUT_KINDS[dtype]
-        grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS), num_experts)
+        tile = TILES[transposed]
+        grid = (triton.cdiv(rows, tile.rows), triton.cdiv(cols, tile.cols), num_experts)
         if blocks.stride(3) != 1 or blocks.stride(2) != blocks.shape[3]:
             blocks = blocks.contiguous()
         if scales.stride(2) != 1:
@@ -168,6 +183,6 @@ def dequantize_mxfp4_triton(
         _dequantize_mxfp4_kernel[grid](
             blocks, scales, out.view(bits_dtype), rows, cols, blocks.stride(0), blocks.stride(1), scales.stride(0),
             scales.stride(1),
-            OUT_KIND=kind, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, TRANSPOSED=transposed, num_warps=NUM_WARPS,
+            OUT_KIND=kind, BLOCK_R=tile.rows, BLOCK_C=tile.cols, TRANSPOSED=transposed, num_warps=tile.warps,
         )
     return out
