@@ -15,7 +15,9 @@ codes at scale byte 255, and agree everywhere else.
 
 Each program decodes a tile (``TILES``) of checkpoint rows x columns of one expert: it reads the
 packed bytes row-major (16 per scale group) and each scale byte once, and writes the tile transposed so that the
-stores run along the output's contiguous dimension. The grid spans row tiles x column tiles x experts.
+stores run along the output's contiguous dimension; in the checkpoint's own order (``transposed=False``) a
+16-bit output's two values of one code byte are stored as one 32-bit word. The grid spans row tiles x column
+tiles x experts.
 """
 
 from __future__ import annotations
@@ -110,6 +112,14 @@ def _dequantize_mxfp4_kernel(
         out_mask = tl.permute(mask[:, :, None], (1, 2, 0))
         tl.store(out_ptr + out_offsets, tl.permute(even, (1, 2, 0)).to(out_ty), mask=out_mask)
         tl.store(out_ptr + out_offsets + rows, tl.permute(odd, (1, 2, 0)).to(out_ty), mask=out_mask)
+    elif OUT_KIND != 0:
+        # Two 16-bit values per code byte make one 32-bit word (little-endian: the even column in the low half),
+        # stored through an int32 view of the output: one contiguous word per byte, no interleaving of registers.
+        words = (even & 0xFFFF) | (odd << 16)
+        word_cols = cols // 2
+        out_offsets = (expert * rows * word_cols + row[:, None, None] * word_cols
+                       + (group[None, :] * 16)[:, :, None] + lane[None, None, :])
+        tl.store(out_ptr + out_offsets, words, mask=mask[:, :, None])
     else:
         values = tl.reshape(tl.join(even, odd), (BLOCK_R, BLOCK_C))  # low nibble first along each row
         column = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -180,8 +190,9 @@ def dequantize_mxfp4_triton(
             blocks = blocks.contiguous()
         if scales.stride(2) != 1:
             scales = scales.contiguous()
+        store_dtype = torch.int32 if not transposed else bits_dtype  # 16-bit pairs go as one word (see kernel)
         _dequantize_mxfp4_kernel[grid](
-            blocks, scales, out.view(bits_dtype), rows, cols, blocks.stride(0), blocks.stride(1), scales.stride(0),
+            blocks, scales, out.view(store_dtype), rows, cols, blocks.stride(0), blocks.stride(1), scales.stride(0),
             scales.stride(1),
             OUT_KIND=kind, BLOCK_R=tile.rows, BLOCK_C=tile.cols, TRANSPOSED=transposed, num_warps=tile.warps,
         )
