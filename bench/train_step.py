@@ -684,7 +684,7 @@ def wrap(stack: str, model: Any, setup: Setup, loss_label: str) -> tuple[PeftMod
                         f"(X@A)@B; {loss_label}")
 
 
-def auto_checkpointing(model: PeftModel, scenario: Scenario, budget: float | None) -> str:
+def auto_checkpointing(model: PeftModel, scenario: Scenario, budget: float | None, fused_norm: bool) -> str:
     """Apply ``--gradient_checkpointing auto`` for the scenario's packed batch, planned against ``budget``.
 
     The plan is osstune's own (``plan_checkpointing`` with the per-layer sizes of ``osstune.models.memory``); what
@@ -696,6 +696,7 @@ def auto_checkpointing(model: PeftModel, scenario: Scenario, budget: float | Non
         model: the osstune stack's PEFT model, on CUDA.
         scenario: the workload (its packed micro-batch sets the shape).
         budget: peak bytes to plan for, or None.
+        fused_norm: liger's RMSNorm is in the model (``liger_layer_kernels``).
 
     Returns:
         The plan's one-line description.
@@ -707,7 +708,7 @@ def auto_checkpointing(model: PeftModel, scenario: Scenario, budget: float | Non
     rows, length = scenario.packed[0]["input_ids"].shape
     config = model.config.to_dict()
     shape = TrainingShape(micro_batch=rows, seq_len=length, checkpointing=True, attn_impl="flex_attention",
-                          fused_loss=True)
+                          fused_loss=True, fused_norm=fused_norm)
     full, inputs = layer_activation_sizes(config, lora=lora_layout(model), shape=shape, dtype_bytes=2)
     device = next(model.parameters()).device
     free, total = device_memory(device) or (0, 0)
@@ -872,7 +873,8 @@ def run_stack(
         for scenario in scenarios:
             notes = pieces
             if auto:
-                notes += f" ({auto_checkpointing(peft_model, scenario, budgets.get(scenario.name))})"
+                notes += (f" ({auto_checkpointing(peft_model, scenario, budgets.get(scenario.name), undo_liger is not None)}"
+                          ")")
             report(measure(peft_model, stack, scenario, base_stack == "osstune", linear_ce, notes, setup, options,
                            sink))
     finally:

@@ -14,6 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.gpt_oss import modeling_gpt_oss
 
+from osstune.models.memory import norm_bytes
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -63,3 +65,21 @@ def test_liger_norm_and_rope_match_transformers_and_undo(train_step: Any) -> Non
     torch.testing.assert_close(again, loss, rtol=1e-6, atol=0)  # transformers' own path again (up to atomics)
     for mine, reference in zip(again_grads, grads):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_liger_rmsnorm_saves_what_the_estimate_counts(train_step: Any) -> None:
+    tokens, hidden = 512, 2880
+    norm = modeling_gpt_oss.GptOssRMSNorm(hidden, eps=1e-5).to("cuda", torch.bfloat16).requires_grad_(False)
+    undo, _ = train_step.liger_layer_kernels(norm)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() != norm.weight.untyped_storage().data_ptr():
+            saved[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        norm(x * 1.0)  # a fresh input: liger saves it (its backward writes into the upstream gradient)
+    undo()
+    assert sum(saved.values()) == tokens * norm_bytes(hidden, 2, fused=True)

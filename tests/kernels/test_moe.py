@@ -15,7 +15,13 @@ from osstune.kernels import moe
 from osstune.kernels.moe import combine_experts, gate_activation
 from osstune.kernels.swiglu import clamp_swiglu
 from osstune.models.gpt_oss import experts as experts_module
-from osstune.models.gpt_oss.experts import ClampSwiGLUGate, ExpertRouting, experts_forward, route_by_expert
+from osstune.models.gpt_oss.experts import (
+    ClampSwiGLUGate,
+    ExpertRouting,
+    experts_forward,
+    gather_rows,
+    route_by_expert,
+)
 
 
 ALPHA, LIMIT = 1.702, 7.0
@@ -409,6 +415,26 @@ def test_combine_triton_kernels_without_bias_and_without_weight_gradient(moe_ker
     assert torch.equal(down_leaf.grad, grad_down)
 
 
+# ---------------------------------------------------------------------------------------------- gather_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "top_k"), [(13, 3), (1, 4), (6, 1), (0, 2)])
+def test_gather_rows_gradient_sums_each_tokens_rows_once(dtype: torch.dtype, tokens: int, top_k: int):
+    _, routing = routing_of(tokens, top_k, 10, seed=tokens)
+    hidden = rand(tokens, 6, seed=1).to(dtype).requires_grad_()
+    grad_rows = rand(tokens * top_k, 6, seed=2).to(dtype)
+    rows = gather_rows(hidden, routing, top_k)
+    assert torch.equal(rows, hidden.detach()[routing.token_S])
+    rows.backward(grad_rows)
+    # float64 scatter-add of the same gradients, rounded once to the dtype (the kernel sums in float32 or more)
+    expected = torch.zeros(tokens, 6, dtype=torch.float64).index_add_(0, routing.token_S, grad_rows.double())
+    torch.testing.assert_close(hidden.grad, expected.to(dtype), rtol=STORAGE_TOLERANCES.get(dtype, 1e-13),
+                               atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(gather_rows(hidden, routing, top_k), rows.detach())
+
+
 # ---------------------------------------------------------------------------------------------- experts_forward
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K, TOKENS = 16, 24, 5, 3, 11
@@ -482,7 +508,8 @@ def test_experts_forward_matches_transformers_eager_in_float64(
     ref_out, ref_grads = layer_output_and_grads(experts, experts.forward)
     calls = count_calls(monkeypatch)
     out, grads = layer_output_and_grads(experts, fused_forward(experts))
-    assert calls == {"gate_activation": 1, "combine_experts": 1}
+    # combine_experts twice: the layer's output, and the input gradient of the gathered rows (gather_rows)
+    assert calls == {"gate_activation": 1, "combine_experts": 2}
     assert len(grads) == (6 if trainable_biases else 4)  # hidden, routing weights, both stacks (+ both biases)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
@@ -500,7 +527,7 @@ def test_a_custom_apply_gate_keeps_the_unfused_gate(monkeypatch: pytest.MonkeyPa
     fused_out, fused_grads = layer_output_and_grads(experts, fused_forward(experts))
     calls = count_calls(monkeypatch)
     out, grads = layer_output_and_grads(experts, fused_forward(experts, apply_gate=experts._apply_gate))
-    assert calls == {"gate_activation": 0, "combine_experts": 1}
+    assert calls == {"gate_activation": 0, "combine_experts": 2}
     torch.testing.assert_close(out, fused_out, rtol=1e-13, atol=1e-13)
     for grad, fused_grad in zip(grads, fused_grads, strict=True):
         torch.testing.assert_close(grad, fused_grad, rtol=1e-12, atol=1e-13)

@@ -26,6 +26,7 @@ from osstune.models.memory import (
     kept_activation_bytes,
     layer_activation_bytes,
     layer_activation_sizes,
+    norm_bytes,
 )
 from osstune.train import checkpointing, dry_run
 from osstune.train.args import LoadArgs, LoraArgs, SftDataArgs, TrackArgs, TrainArgs, checkpoint_mode
@@ -181,6 +182,16 @@ def test_the_trainer_checkpoints_only_under_sharding(tmp_path: Path) -> None:
 
 
 # --- the memory estimate -------------------------------------------------------------------------------------------
+
+def test_liger_rmsnorm_saves_its_input_in_the_compute_dtype() -> None:
+    # Two RMSNorms per layer: each keeps H * b + 4 bytes per token instead of 4H + 4 (tests/gpu measures liger's).
+    assert norm_bytes(64, 2, fused=False) == 4 * 64 + 4 and norm_bytes(64, 2, fused=True) == 2 * 64 + 4
+    shape = TrainingShape(micro_batch=2, seq_len=32, checkpointing=True, attn_impl="flex_attention")
+    plain, _ = layer_activation_sizes(TINY_CONFIG, lora=TINY_LAYOUT, shape=shape, dtype_bytes=2)
+    fused, _ = layer_activation_sizes(TINY_CONFIG, lora=TINY_LAYOUT,
+                                      shape=TrainingShape(**{**vars(shape), "fused_norm": True}), dtype_bytes=2)
+    assert [a - b for a, b in zip(plain, fused)] == [64 * 2 * (4 - 2) * 64] * 4
+
 
 def test_activation_estimate_follows_the_checkpointed_layers() -> None:
     shape = TrainingShape(micro_batch=2, seq_len=32, checkpointing=True, attn_impl="flex_attention")

@@ -251,6 +251,8 @@ class TrainingShape:
         checkpointing: activation checkpointing of the decoder layers (``--gradient_checkpointing``).
         attn_impl: ``eager`` materialises the attention probabilities; ``flex_attention`` and ``sdpa`` do not.
         fused_loss: liger's fused linear cross-entropy (``--use_liger_kernel``) never materialises the logits.
+        fused_norm: liger's RMSNorm (``--use_liger_kernel``) saves its input in the compute dtype, not a float32
+            copy.
         checkpointed_layers: with ``checkpointing``, the indices of the decoder layers checkpointed (None: every
             layer); see :mod:`osstune.train.checkpointing`.
         offload: the inputs of checkpointed layers are held in host RAM (``--offload_activations``).
@@ -261,6 +263,7 @@ class TrainingShape:
     checkpointing: bool
     attn_impl: str = "flex_attention"
     fused_loss: bool = False
+    fused_norm: bool = False
     checkpointed_layers: frozenset[int] | None = None
     offload: bool = False
 
@@ -428,7 +431,8 @@ def layer_activation_sizes(config: dict[str, Any], *, lora: LoraLayout, shape: T
     hidden = _size(text, "hidden_size", "n_embd", "d_model")
     layers = _size(text, "num_hidden_layers", "n_layer", "num_layers")
     full = [shape.tokens * layer_activation_bytes(config, layer=i, lora=lora, seq_len=shape.seq_len,
-                                                  dtype_bytes=dtype_bytes, attn_impl=shape.attn_impl)
+                                                  dtype_bytes=dtype_bytes, attn_impl=shape.attn_impl,
+                                                  fused_norm=shape.fused_norm)
             for i in range(layers)]
     return full, [shape.tokens * hidden * dtype_bytes] * layers
 
@@ -451,19 +455,33 @@ def activation_overhead_bytes(config: dict[str, Any], *, shape: TrainingShape, d
     return shape.tokens * tail + masks
 
 
+def norm_bytes(hidden: int, dtype_bytes: int, fused: bool) -> int:
+    """Per-token bytes an RMSNorm saves for the backward pass: its input as a float32 copy and the float32
+    statistic (transformers' eager RMSNorm), or its input in the compute dtype and the statistic (liger's fused
+    RMSNorm, ``fused``).
+
+    Args:
+        hidden: the normalised width.
+        dtype_bytes: bytes per element of the compute dtype.
+        fused: liger's RMSNorm.
+    """
+    return (dtype_bytes if fused else FP32_BYTES) * hidden + FP32_BYTES
+
+
 def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayout, seq_len: int, dtype_bytes: int,
-                           attn_impl: str) -> int:
+                           attn_impl: str, fused_norm: bool = False) -> int:
     """Bytes per token that one decoder layer saves for the backward pass, counted tensor by tensor.
 
     Frozen projections save nothing about their input (only trained weights need it); each LoRA projection saves
     its input and its rank-r intermediate; projections that share an input share the saved tensor (osstune runs
     the update in the input's dtype, ``lora_linear``). Per token, with b bytes per element, H hidden, r rank:
 
-    - attention: RMSNorm ``4H + 4`` (float32 input and statistic); LoRA inputs and ``r * b`` intermediates;
+    - attention: RMSNorm ``4H + 4`` (float32 input and statistic; ``H * b + 4`` for liger's, ``norm_bytes``);
+      LoRA inputs and ``r * b`` intermediates;
       eager: query, repeated keys and values ``3 * heads * head_dim * b``, int64 max indices per head and the
       probabilities ``heads * (seq + 1) * b``; flex/sdpa: query, keys, values, output and per-head log-sum-exp;
-    - gpt-oss experts, per routed (token, expert) pair (K per token): three int64 indices (token, expert and
-      pair of each row), the gate/up output ``2I * b`` (all the fused bias + LoRA + clamp-SwiGLU keeps), the
+    - gpt-oss experts, per routed (token, expert) pair (K per token): two int64 indices (expert and pair of each
+      row), the gate/up output ``2I * b`` (all the fused bias + LoRA + clamp-SwiGLU keeps), the
       expert output ``H * b`` (the fused combine keeps it for the routing weights' gradient), plus, with expert
       LoRA, the expert input ``H * b``, the activation ``I * b`` and two rank-r intermediates (r rounded up to
       16-byte rows, as the grouped kernel pads it); the router's top-k indices and weights (experts with and
@@ -478,6 +496,7 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
         seq_len: tokens per sequence (eager attention's probabilities grow with it).
         dtype_bytes: bytes per element of the compute dtype.
         attn_impl: ``eager``, ``flex_attention`` or ``sdpa``.
+        fused_norm: liger's RMSNorm (see :class:`TrainingShape`).
     """
     text = config.get("text_config") or config
     b, r = dtype_bytes, lora.rank
@@ -486,7 +505,7 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     kv_heads = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or hidden // heads)
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
-    norm = FP32_BYTES * hidden + FP32_BYTES
+    norm = norm_bytes(hidden, b, fused_norm)
     qkv = [name for name in ("q_proj", "k_proj", "v_proj") if name in lora.attention]
     attention = norm + min(len(qkv), 1) * hidden * b + len(lora.attention) * r * b
     if "o_proj" in lora.attention:
@@ -510,7 +529,7 @@ def _experts_bytes(config: dict[str, Any], expert_lora: bool, router_lora: bool,
     inter = _size(config, "intermediate_size")
     top_k = _size(config, "num_experts_per_tok", "experts_per_token")
     router = top_k * (INDEX_BYTES + b) + ((hidden + rank) * b if router_lora else 0)
-    pair = 3 * INDEX_BYTES + 2 * inter * b + hidden * b
+    pair = 2 * INDEX_BYTES + 2 * inter * b + hidden * b
     if expert_lora:
         multiple = max(1, GROUPED_MM_ALIGN_BYTES // b)  # the grouped kernel pads the rank to 16-byte rows
         pair += (hidden + inter) * b + 2 * (-(-rank // multiple) * multiple) * b

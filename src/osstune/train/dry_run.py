@@ -147,7 +147,7 @@ def plan_training(cfg: Any, world_size: int | None = None, console: Console | No
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     attn = cfg.load.attn_impl or ("flex_attention" if is_gpt_oss(config) else "sdpa")
     longest = TrainingShape(micro_batch=t.per_device_train_batch_size, seq_len=seq_len, checkpointing=True,
-                            attn_impl=attn, fused_loss=t.use_liger_kernel)
+                            attn_impl=attn, fused_loss=t.use_liger_kernel, fused_norm=t.use_liger_kernel)
     before = estimate_training_memory(config, dtype=dtype, counts=counts, lora=layout, shape=longest, engine=engine,
                                       world_size=world, host_optimizer=t.offload_optimizer)
     if t.gradient_checkpointing == "auto" and engine != "ddp":

@@ -587,7 +587,7 @@ def fit(
     use_liger = _liger_notice(training, console, cuda)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     targs = training_arguments(training, data_args.seed, run_dir, data.val is not None, use_liger, bf16)
-    plan = checkpoint_plan(model, data, training, data_args, fused_loss=use_liger, console=console)
+    plan = checkpoint_plan(model, data, training, data_args, liger=use_liger, console=console)
     if not sharded_engine(training):
         from osstune.train.checkpointing import apply_checkpointing
 
@@ -669,7 +669,7 @@ def _exclude_host_embeddings(model: Any, training: TrainArgs) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [*ignored, *names])
 
 
-def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDataArgs, *, fused_loss: bool,
+def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDataArgs, *, liger: bool,
                     console: Console) -> CheckpointPlan:
     """The activation checkpointing plan of a run (:class:`~osstune.train.checkpointing.CheckpointPlan`) for
     ``--gradient_checkpointing`` and ``--offload_activations``, sized for the longest micro-batch of ``data``.
@@ -683,7 +683,8 @@ def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDa
         data: the :class:`~osstune.data.pipeline.PreparedDataset`.
         training: the training flags.
         data_args: ``--packing`` and ``--max_length``.
-        fused_loss: the loss never materialises the logits (liger).
+        liger: the Trainer applies liger's kernels: the loss never materialises the logits, and RMSNorm saves its
+            input in the compute dtype.
         console: where the fallback under DeepSpeed/FSDP is explained.
     """
     from osstune.models.host_embedding import input_device
@@ -696,7 +697,8 @@ def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDa
     config = model.config.to_dict()
     seq_len = data_args.max_length if data_args.packing else max(len(ids) for ids in data.train.input_ids)
     shape = TrainingShape(micro_batch=training.per_device_train_batch_size, seq_len=seq_len, checkpointing=True,
-                          attn_impl=model.config._attn_implementation or "eager", fused_loss=fused_loss)
+                          attn_impl=model.config._attn_implementation or "eager", fused_loss=liger,
+                          fused_norm=liger)
     layout = lora_layout(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     coming = estimate_training_memory(config, dtype=weight.dtype, lora=layout, shape=shape,

@@ -110,6 +110,41 @@ def route_by_expert(router_indices_TK: torch.Tensor, num_experts: int) -> Expert
     return ExpertRouting(token_S=pair_S // top_k, pair_S=pair_S, expert_S=expert_S, ends_E=ends_E)
 
 
+class GatherRows(torch.autograd.Function):
+    """``hidden_TH[token_S]``, whose gradient sums each token's K rows in one gathering pass (``combine_experts``
+    with unit weights, accumulated in float32) instead of an atomic scatter-add in the rows' dtype."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, hidden_TH: torch.Tensor, routing: ExpertRouting,
+                top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(routing.expert_S, routing.pair_S)
+        ctx.top_k, ctx.num_tokens = top_k, hidden_TH.shape[0]
+        return hidden_TH.index_select(0, routing.token_S)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_SH: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        expert_S, pair_S = ctx.saved_tensors
+        ones_TK = grad_SH.new_ones(ctx.num_tokens, ctx.top_k)
+        grad_TH = combine_experts(grad_SH, None, expert_S, pair_S, ones_TK, ctx.num_tokens, ctx.top_k)
+        return grad_TH, None, None
+
+
+def gather_rows(hidden_TH: torch.Tensor, routing: ExpertRouting, top_k: int) -> torch.Tensor:
+    """Each routed pair's token state, in expert order: ``hidden_TH[routing.token_S]``, ``[S, H]``.
+
+    Differentiable in ``hidden_TH``: the gradient of token t is the sum of its K rows' gradients, gathered and
+    summed in float32 once (deterministic), not scattered with atomics.
+
+    Args:
+        hidden_TH: token states, [T, H].
+        routing: the layer's routing (``route_by_expert``), S = T * K rows.
+        top_k: experts per token K.
+    """
+    if hidden_TH.requires_grad and torch.is_grad_enabled():
+        return GatherRows.apply(hidden_TH, routing, top_k)
+    return hidden_TH.index_select(0, routing.token_S)
+
+
 def grouped_mm_applies(x_SI: torch.Tensor, w_EIO: torch.Tensor | ExpertWeights) -> bool:
     """Whether the CUDA grouped matmul kernel can compute ``x_SI`` times the stacked weights ``w_EIO``.
 
@@ -316,7 +351,7 @@ def experts_forward(
     """
     num_tokens, top_k = router_indices_TK.shape
     routing = route_by_expert(router_indices_TK, gate_up_EHF.shape[0])
-    x_SH = hidden_TH.to(gate_up_EHF.dtype).index_select(0, routing.token_S)
+    x_SH = gather_rows(hidden_TH.to(gate_up_EHF.dtype), routing, top_k)
     if grouped is None:
         grouped = grouped_mm_applies(x_SH, gate_up_EHF) and grouped_mm_applies(x_SH, down_EIH)
     if isinstance(apply_gate, ClampSwiGLUGate):
