@@ -48,25 +48,6 @@ def test_every_code_byte_and_scale_byte_matches_the_reference(mxfp4_kernels: Mod
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("transposed", [True, False])
-def test_tiles_of_normal_scales_take_the_short_decoding_bit_for_bit(
-    mxfp4_kernels: ModuleType, dtype: torch.dtype, transposed: bool
-):
-    # Scale bytes 2..252 only, one per row, so every tile (128 rows) lies inside the short decoding's range, and
-    # every code byte at each of those scales; then the same with scale byte 1 and 253 in the last tile only (that
-    # tile takes the general decoding, the others the short one).
-    low, high = mxfp4_kernels.NORMAL_SCALE_MIN, mxfp4_kernels.NORMAL_SCALE_MAX
-    blocks, scales = every_byte_and_scale()
-    blocks, scales = blocks[:, low: high + 1].contiguous(), scales[:, low: high + 1].contiguous()
-    for edge in (None, 1, 253):
-        if edge is not None:
-            scales[0, -1, 3] = edge
-        expected = bits(dequantize_mxfp4(blocks, scales, dtype))
-        out = mxfp4_kernels.dequantize_mxfp4_triton(blocks, scales, dtype, transposed=transposed)
-        assert torch.equal(bits(out), expected if transposed else expected.transpose(1, 2))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_every_code_byte_and_scale_byte_is_the_exact_product(mxfp4_kernels: ModuleType, dtype: torch.dtype):
     # Independent of torch.ldexp: E2M1 value * 2**(scale - 127) in float64, rounded to float32, then to dtype.
     blocks, scales = every_byte_and_scale()

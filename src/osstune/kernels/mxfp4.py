@@ -15,9 +15,7 @@ codes at scale byte 255, and agree everywhere else.
 
 Each program decodes a tile (``TILES``) of checkpoint rows x columns of one expert: it reads the
 packed bytes row-major (16 per scale group) and each scale byte once, and writes the tile transposed so that the
-stores run along the output's contiguous dimension. Tiles whose scale bytes all lie in 2..252 (every real
-checkpoint's) take a shorter decoding, exact there because every product is a normal float32; the others take the
-general one (subnormals, overflow). The grid spans row tiles x column tiles x experts.
+stores run along the output's contiguous dimension. The grid spans row tiles x column tiles x experts.
 """
 
 from __future__ import annotations
@@ -51,11 +49,6 @@ TILES: dict[bool, Tile] = {True: Tile(128, 64, 4), False: Tile(128, 64, 4)}
 """The launch tile for each output layout (``transposed`` True / False); ``bench/kernels.py --sweep-dequant`` times
 the alternatives."""
 
-NORMAL_SCALE_MIN: tl.constexpr = tl.constexpr(2)
-NORMAL_SCALE_MAX: tl.constexpr = tl.constexpr(252)
-"""Scale bytes from NORMAL_SCALE_MIN to NORMAL_SCALE_MAX keep every E2M1 product a normal float32 (biased exponent
-1 for 0.5 at the lowest, 254 for 6 at the highest)."""
-
 OUTPUT_KINDS: dict[torch.dtype, tuple[int, torch.dtype]] = {
     torch.float32: (0, torch.int32),
     torch.bfloat16: (1, torch.int16),
@@ -85,29 +78,6 @@ def _e2m1_bits(code, scale, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def _maximum(a, b):
-    """The combine function of a max (``tl.max`` spelled as ``tl.reduce`` so that the CPU interpreter runs it)."""
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _e2m1_bits_normal(code, scale_term, OUT_KIND: tl.constexpr):
-    """``_e2m1_bits`` for scales whose every product is a normal float32 (scale bytes 2 to 252), with
-    ``scale_term = (scale - 1) << 23``: the same bit patterns with about half the integer operations."""
-    magnitude = code & 7
-    exponent_bits = magnitude >> 1
-    mantissa = tl.where(exponent_bits > 0, magnitude & 1, 0)
-    bits = ((exponent_bits << 23) + scale_term) | (mantissa << 22)
-    bits = tl.where(magnitude == 0, 0, bits) | ((code & 8) << 28)
-    if OUT_KIND == 1:
-        bits = bits >> 16
-    elif OUT_KIND == 2:
-        half = bits.to(tl.float32, bitcast=True).to(tl.float16, fp_downcast_rounding="rtne")
-        bits = half.to(tl.int16, bitcast=True).to(tl.int32)
-    return bits
-
-
-@triton.jit
 def _dequantize_mxfp4_kernel(
     blocks_ptr, scales_ptr, out_ptr, rows, cols, blocks_expert_stride, blocks_row_stride, scales_expert_stride,
     scales_row_stride,
@@ -124,23 +94,15 @@ def _dequantize_mxfp4_kernel(
     lane = tl.arange(0, 16)
     groups = cols // 32
     mask = (row < rows)[:, None] & (group < groups)[None, :]
-    scale_rg = tl.load(scales_ptr + expert * scales_expert_stride + row[:, None] * scales_row_stride
-                       + group[None, :], mask=mask, other=0).to(tl.int32)
-    scale = scale_rg[:, :, None]
+    scale = tl.load(scales_ptr + expert * scales_expert_stride + row[:, None] * scales_row_stride + group[None, :],
+                    mask=mask, other=0).to(tl.int32)[:, :, None]
     packed = tl.load(
         blocks_ptr + expert * blocks_expert_stride + (row[:, None] * blocks_row_stride + group[None, :] * 16)[:, :, None]
         + lane[None, None, :],
         mask=mask[:, :, None], other=0,
     ).to(tl.int32)
-    # Scale bytes 2..252 (every real checkpoint's) keep every product normal: the short decoding applies.
-    outside = (mask & ((scale_rg < NORMAL_SCALE_MIN) | (scale_rg > NORMAL_SCALE_MAX))).to(tl.int32)
-    if tl.reduce(tl.reduce(outside, 1, _maximum), 0, _maximum) == 0:
-        scale_term = (scale - 1) << 23
-        even = _e2m1_bits_normal(packed & 15, scale_term, OUT_KIND)  # [rows, groups, lanes]
-        odd = _e2m1_bits_normal(packed >> 4, scale_term, OUT_KIND)
-    else:
-        even = _e2m1_bits(packed & 15, scale, OUT_KIND)
-        odd = _e2m1_bits(packed >> 4, scale, OUT_KIND)
+    even = _e2m1_bits(packed & 15, scale, OUT_KIND)  # [rows, groups, lanes]
+    odd = _e2m1_bits(packed >> 4, scale, OUT_KIND)
     out_ty = out_ptr.dtype.element_ty
     if TRANSPOSED:
         column = group[:, None] * 32 + 2 * lane[None, :]  # even column of each byte
