@@ -95,6 +95,8 @@ def test_mxfp4_loads_dequantised_in_fp32_with_eager_attention(tiny_model_dir: Pa
     assert len(lines) == 2
     assert lines[0].startswith("memory: weights need ~3.2 MiB; ") and lines[0].endswith(" free on host RAM")
     assert lines[1].startswith(f"loaded {tiny_model_dir.resolve()}: dtype float32, attn eager, 845.17K params, cpu, ")
+    peak = lines[1].rpartition("; peak host RAM ")[2]  # this process's high-water mark, at least the weights
+    assert peak.endswith(("MiB", "GiB")) and float(peak.split()[0]) > 0
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""  # no transformers warnings or progress bars
 

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from osstune.errors import OsstuneError
 from osstune.models.local import is_gpt_oss, load_tokenizer, read_model_config, resolve_model_dir
-from osstune.models.memory import estimate_load_bytes, format_bytes, free_memory_bytes
+from osstune.models.memory import estimate_load_bytes, format_bytes, free_memory_bytes, peak_host_bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -277,7 +277,8 @@ def load_model(
     params = sum(param.numel() for param in loaded.parameters())
     dtype_name = str(dtype).removeprefix("torch.")
     _say(console, f"loaded {model_dir}: dtype {dtype_name}, attn {attn}, {_format_count(params)} params, "
-                  f"{target}, {seconds:.1f}s" + (", experts kept as MXFP4" if experts == "mxfp4" else ""))
+                  f"{target}, {seconds:.1f}s" + (", experts kept as MXFP4" if experts == "mxfp4" else "")
+                  + f"; peak host RAM {format_bytes(peak_host_bytes())}")
     if dequant_experts:
         layers = limit_dense_experts(loaded, dequant_experts)
         _say(console, f"MXFP4 experts dequantised {dequant_experts} at a time in each of {layers} layers")

@@ -157,6 +157,15 @@ def _size(config: dict[str, Any], *keys: str) -> int:
     return value
 
 
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process so far (``getrusage``), in bytes: its high-water mark of host RAM."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def _meminfo_available() -> int | None:
     """``MemAvailable`` from ``/proc/meminfo`` in bytes, or None where that file does not exist or lacks it."""
     try:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from transformers import Trainer
 
 from osstune.chat.options import IGNORE_INDEX
 from osstune.errors import OsstuneError
+from osstune.models.memory import peak_host_bytes
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
@@ -38,8 +37,7 @@ def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kib / (2**30 if sys.platform == "darwin" else 2**20)
+    return peak_host_bytes() / 2**30
 
 
 def gathered_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
