@@ -810,6 +810,7 @@ def run_stack(
     report: Callable[[Cell], None],
     profile_sink: Callable[[str], None] | None = None,
     budgets: dict[str, float] | None = None,
+    liger: bool = True,
 ) -> dict[str, Any]:
     """Wrap the model for one stack, measure it on every scenario, and unwrap it again.
 
@@ -825,6 +826,7 @@ def run_stack(
         profile_sink: see ``measure``; used for the plain ``osstune`` stack only.
         budgets: per scenario, the peak bytes ``--gradient_checkpointing auto`` may plan for (osstune stacks);
             free device memory where a scenario has none.
+        liger: ``hf_best`` and ``osstune`` run liger's RMSNorm and RoPE on CUDA (``liger_layer_kernels``).
 
     Returns:
         The stack's description: its pieces, trainable parameters and, for osstune, its LoRA summary.
@@ -834,7 +836,7 @@ def run_stack(
     base_stack, _, variant = stack.partition("[")
     options_on = set(variant.rstrip("]").split("+")) - {""}
     parked = park_dense_experts(model) if base_stack == "osstune" and "bf16" not in options_on else []
-    undo_liger, liger_label = (None, "") if stack == "seed" or setup.device.type != "cuda" else (
+    undo_liger, liger_label = (None, "") if stack == "seed" or setup.device.type != "cuda" or not liger else (
         liger_layer_kernels(model))
     try:
         peft_model, pieces = wrap(base_stack, model, setup, loss_label)
@@ -1025,7 +1027,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-cell-s", type=float, default=45.0,
                         help="stop timing a cell once its timed steps took this many seconds (one step always runs)")
     parser.add_argument("--pad-batch", type=int, default=4, help="samples per padded micro-batch of the mix")
-    parser.add_argument("--no-liger", action="store_true", help="hf_best and osstune use the HF loss")
+    parser.add_argument("--no-liger", action="store_true", help="hf_best and osstune use the HF loss, RMSNorm and RoPE")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, token ids and lengths")
     parser.add_argument("--osstune-variants", default="",
                         help=f"extra osstune rows, comma-separated, from {', '.join(VARIANTS)} (nockpt: no "
@@ -1207,7 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.memory_budget_gib is not None:
             budgets = {scenario.name: args.memory_budget_gib * 2**30 for scenario in scenarios}
         record["stacks"][stack] = run_stack(stack, model, scenarios, setup, options, fused, report,
-                                            keep_profile if args.profile else None, budgets)
+                                            keep_profile if args.profile else None, budgets, not args.no_liger)
     record["ratios"] = ratios(cells, scenarios)
     if MAX_CONTEXT in kinds:
         del model
