@@ -875,8 +875,8 @@ def run_stack(
         for scenario in scenarios:
             notes = pieces
             if auto:
-                notes += (f" ({auto_checkpointing(peft_model, scenario, budgets.get(scenario.name), undo_liger is not None)}"
-                          ")")
+                plan = auto_checkpointing(peft_model, scenario, budgets.get(scenario.name), undo_liger is not None)
+                notes += f" ({plan})"
             report(measure(peft_model, stack, scenario, base_stack == "osstune", linear_ce, notes, setup, options,
                            sink))
     finally:

@@ -3,7 +3,6 @@ transformers' eager ``GptOssExperts``. The Triton kernels run in Triton's interp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
 import pytest

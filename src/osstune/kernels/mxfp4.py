@@ -13,9 +13,9 @@ zeros. The reference computes exactly that wherever ``torch.ldexp`` has its exac
 2.13 does); builds whose ``ldexp`` multiplies by ``pow(2, exponent)`` give ``±inf`` for ``±0.5`` and NaN for zero
 codes at scale byte 255, and agree everywhere else.
 
-Each program decodes a tile (``TILES``) of checkpoint rows x columns of one expert: it reads the
-packed bytes row-major (16 per scale group) and each scale byte once, and writes the tile transposed so that the
-stores run along the output's contiguous dimension. The grid spans row tiles x column tiles x experts.
+Each program decodes a tile (``TILES``) of checkpoint rows x columns of one expert: it reads the packed bytes
+row-major (16 per scale group) and each scale byte once, and writes the tile transposed so that the stores run along
+the output's contiguous dimension. The grid spans row tiles x column tiles x experts.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from osstune.models.gpt_oss.mxfp4 import BLOCK_SIZE
-
 
 
 class Tile(NamedTuple):
@@ -46,8 +45,8 @@ class Tile(NamedTuple):
 
 
 TILES: dict[bool, Tile] = {True: Tile(128, 64, 4), False: Tile(128, 64, 4)}
-"""The launch tile for each output layout (``transposed`` True / False); ``bench/kernels.py --sweep-dequant`` times
-the alternatives."""
+"""The launch tile for each output layout (``transposed`` True / False); ``bench/kernels.py`` times the alternatives
+(``sweep_dequantize``)."""
 
 OUTPUT_KINDS: dict[torch.dtype, tuple[int, torch.dtype]] = {
     torch.float32: (0, torch.int32),

@@ -9,6 +9,8 @@ and AdamW state, activations counted tensor by tensor for the configured checkpo
 from __future__ import annotations
 
 import math
+import resource
+import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +161,6 @@ def _size(config: dict[str, Any], *keys: str) -> int:
 
 def peak_host_bytes() -> int:
     """Peak resident set size of this process so far (``getrusage``), in bytes: its high-water mark of host RAM."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
