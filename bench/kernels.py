@@ -5,7 +5,8 @@
   ``clamp_swiglu`` on its Triton kernels. Also reported: the memory held between forward and backward
   (what autograd saves plus the output).
 - MXFP4 dequantisation of one layer's expert stacks to bf16: gate_up (32 x 2880 x 5760) and down
-  (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``; then
+  (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``, beside
+  a plain copy of as many bytes (the bandwidth bound); then
   the layout training reads (``transposed=False``) under each launch tile of ``SWEEP_TILES``.
 - The elementwise passes of the grouped expert forward, forward + backward, at T = 8192 tokens routed top-4
   (S = 32768 rows), F = 5760, H = 2880 in bf16, the unfused PyTorch operations against the fused passes of
@@ -103,7 +104,8 @@ def bench_swiglu() -> list[dict[str, object]]:
 
 
 def bench_dequantize() -> list[dict[str, object]]:
-    """Time the PyTorch reference and the Triton kernel on one layer's two expert stacks (bf16 output).
+    """Time the PyTorch reference and the Triton kernel on one layer's two expert stacks (bf16 output), beside a
+    plain copy that reads and writes as many bytes as the kernel moves (what the memory system allows).
 
     Returns:
         One row per (implementation, stack): name, ms, GB/s.
@@ -127,7 +129,10 @@ def bench_dequantize() -> list[dict[str, object]]:
         dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch)  # compile
         if not torch.equal(scratch, dequantize_mxfp4(blocks, scales, torch.bfloat16)):
             raise SystemExit(f"the Triton kernel disagrees with dequantize_mxfp4 on {stack}")
+        source = torch.empty(moved // 4, device="cuda", dtype=torch.bfloat16)  # read + written = the kernel's bytes
+        target = torch.empty_like(source)
         for name, fn in (
+            ("copy of as many bytes (bandwidth bound)", lambda: target.copy_(source)),
             ("dequantize_mxfp4 (torch)", lambda: dequantize_mxfp4(blocks, scales, torch.bfloat16)),
             ("dequantize_mxfp4_triton", lambda: dequantize_mxfp4_triton(blocks, scales, torch.bfloat16)),
             ("dequantize_mxfp4_triton out=", lambda: dequantize_mxfp4_triton(blocks, scales, torch.bfloat16,
@@ -284,8 +289,8 @@ def main() -> int:
     for row in moe_rows:
         print(f"| {row['name']:<42} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
     print(f"speedup swiglu fwd+bwd, triton over _apply_gate: {swiglu_rows[0]['ms'] / swiglu_rows[2]['ms']:.2f}x")
-    for start in range(0, len(dequantize_rows), 3):
-        reference, kernel = dequantize_rows[start], dequantize_rows[start + 1]
+    for start in range(0, len(dequantize_rows), 4):
+        reference, kernel = dequantize_rows[start + 1], dequantize_rows[start + 2]
         print(f"speedup {kernel['name']} over torch: {reference['ms'] / kernel['ms']:.2f}x")
     for start in (1, 3):
         unfused, fused = moe_rows[start], moe_rows[start + 1]

@@ -9,7 +9,7 @@ float32, unaligned widths), a loop over the experts' row blocks that computes th
 is never added to the expert weights: for expert e, ``y = x @ W[e] + b[e] + scaling * (x @ A[e]) @ B[e]``.
 The elementwise work between the matmuls is fused (``osstune.kernels.moe``): the gate/up bias and LoRA update are
 added inside the activation's pass, and the down bias, routing weights and sum over each token's experts are one
-pass that gathers the token's rows.
+pass that gathers the token's rows (as is the input gradient of the rows gathered for the experts, ``gather_rows``).
 """
 
 from __future__ import annotations
