@@ -6,8 +6,8 @@
   (what autograd saves plus the output).
 - MXFP4 dequantisation of one layer's expert stacks to bf16: gate_up (32 x 2880 x 5760) and down
   (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``, beside
-  a plain copy of as many bytes (the bandwidth bound); then
-  the layout training reads (``transposed=False``) under each launch tile of ``SWEEP_TILES``.
+  a plain copy of as many bytes (the bandwidth bound); then the layout training reads (``transposed=False``) under
+  each launch tile of ``SWEEP_TILES``.
 - The elementwise passes of the grouped expert forward, forward + backward, at T = 8192 tokens routed top-4
   (S = 32768 rows), F = 5760, H = 2880 in bf16, the unfused PyTorch operations against the fused passes of
   ``osstune.kernels.moe``: gate = add the gathered gate/up bias and the LoRA product to the base projection, then
