@@ -103,6 +103,28 @@ def bench_swiglu() -> list[dict[str, object]]:
     return rows
 
 
+def layer_stacks(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, int]]:
+    """One gpt-oss-20b layer's two MXFP4 expert stacks on CUDA, random codes at typical scale bytes, in the
+    checkpoint's layout (rows = output dimension, 16 bytes per scale group of 32 input columns).
+
+    Args:
+        seed: seed of the codes and scales.
+
+    Returns:
+        ``(name, blocks, scales, moved)`` for gate_up and down; ``moved`` is the bytes a dequantisation to bf16
+        reads and writes (blocks and scales, two bf16 values per code byte).
+    """
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    stacks = []
+    for name, out_rows, groups in (("gate_up", 2 * INTERMEDIATE, HIDDEN // 32), ("down", HIDDEN, INTERMEDIATE // 32)):
+        blocks = torch.randint(0, 256, (EXPERTS, out_rows, groups, 16), device="cuda", dtype=torch.uint8,
+                               generator=generator)
+        scales = torch.randint(110, 135, (EXPERTS, out_rows, groups), device="cuda", dtype=torch.uint8,
+                               generator=generator)
+        stacks.append((name, blocks, scales, blocks.numel() + scales.numel() + blocks.numel() * 2 * 2))
+    return stacks
+
+
 def bench_dequantize() -> list[dict[str, object]]:
     """Time the PyTorch reference and the Triton kernel on one layer's two expert stacks (bf16 output), beside a
     plain copy that reads and writes as many bytes as the kernel moves (what the memory system allows).
@@ -113,18 +135,10 @@ def bench_dequantize() -> list[dict[str, object]]:
     from osstune.kernels.mxfp4 import dequantize_mxfp4_triton
     from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
 
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    stacks = {  # checkpoint layout: rows = output dimension, cols / 32 groups of 16 bytes
-        f"gate_up {EXPERTS}x{HIDDEN}x{2 * INTERMEDIATE}": (EXPERTS, 2 * INTERMEDIATE, HIDDEN // 32),
-        f"down {EXPERTS}x{INTERMEDIATE}x{HIDDEN}": (EXPERTS, HIDDEN, INTERMEDIATE // 32),
-    }
     rows = []
-    for stack, (experts, out_rows, groups) in stacks.items():
-        blocks = torch.randint(0, 256, (experts, out_rows, groups, 16), device="cuda", dtype=torch.uint8,
-                               generator=generator)
-        scales = torch.randint(110, 135, (experts, out_rows, groups), device="cuda", dtype=torch.uint8,
-                               generator=generator)
-        moved = blocks.numel() + scales.numel() + blocks.numel() * 2 * 2  # two bf16 values per code byte
+    for name, blocks, scales, moved in layer_stacks(seed=0):
+        experts, out_rows, groups, _ = blocks.shape
+        stack = f"{name} {experts}x{groups * 32}x{out_rows}"
         scratch = torch.empty(experts, groups * 32, out_rows, device="cuda", dtype=torch.bfloat16)
         dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch)  # compile
         if not torch.equal(scratch, dequantize_mxfp4(blocks, scales, torch.bfloat16)):
@@ -160,20 +174,12 @@ def sweep_dequantize() -> list[dict[str, object]]:
     from osstune.kernels import mxfp4
     from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
 
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    stacks = {
-        f"gate_up {EXPERTS}x{2 * INTERMEDIATE}x{HIDDEN}": (EXPERTS, 2 * INTERMEDIATE, HIDDEN // 32),
-        f"down {EXPERTS}x{HIDDEN}x{INTERMEDIATE}": (EXPERTS, HIDDEN, INTERMEDIATE // 32),
-    }
     current = mxfp4.TILES[False]
     rows = []
     try:
-        for stack, (experts, out_rows, groups) in stacks.items():
-            blocks = torch.randint(0, 256, (experts, out_rows, groups, 16), device="cuda", dtype=torch.uint8,
-                                   generator=generator)
-            scales = torch.randint(110, 135, (experts, out_rows, groups), device="cuda", dtype=torch.uint8,
-                                   generator=generator)
-            moved = blocks.numel() + scales.numel() + blocks.numel() * 2 * 2
+        for name, blocks, scales, moved in layer_stacks(seed=1):
+            experts, out_rows, groups, _ = blocks.shape
+            stack = f"{name} {experts}x{out_rows}x{groups * 32}"
             expected = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2)
             scratch = torch.empty(experts, out_rows, groups * 32, device="cuda", dtype=torch.bfloat16)
             for tile in SWEEP_TILES:
