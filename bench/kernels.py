@@ -159,14 +159,15 @@ def bench_dequantize() -> list[dict[str, object]]:
 
 SWEEP_TILES: tuple[tuple[int, int, int], ...] = (
     (128, 64, 4), (64, 128, 4), (32, 256, 4), (64, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 512, 8),
-    (128, 256, 8),
+    (128, 256, 8), (64, 64, 4), (256, 64, 8), (32, 128, 4),
 )
 """(rows, cols, warps) launch tiles ``sweep_dequantize`` times."""
 
 
 def sweep_dequantize() -> list[dict[str, object]]:
     """Time ``dequantize_mxfp4_triton`` in the layout training uses (``transposed=False``: the checkpoint's
-    ``[E, O, I]`` order) under each tile of ``SWEEP_TILES``, checking each against the reference bit for bit.
+    ``[E, O, I]`` order) with 8-bit and 32-bit loads of the codes (``mxfp4.WORD_LOADS``) under each tile of
+    ``SWEEP_TILES``, checking each against the reference bit for bit.
 
     Returns:
         One row per (stack, tile): name, tile, ms, GB/s; the tile in ``mxfp4.TILES[False]`` is marked.
@@ -174,7 +175,7 @@ def sweep_dequantize() -> list[dict[str, object]]:
     from osstune.kernels import mxfp4
     from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
 
-    current = mxfp4.TILES[False]
+    current, word_loads = mxfp4.TILES[False], mxfp4.WORD_LOADS
     rows = []
     try:
         for name, blocks, scales, moved in layer_stacks(seed=1):
@@ -182,18 +183,22 @@ def sweep_dequantize() -> list[dict[str, object]]:
             stack = f"{name} {experts}x{out_rows}x{groups * 32}"
             expected = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2)
             scratch = torch.empty(experts, out_rows, groups * 32, device="cuda", dtype=torch.bfloat16)
-            for tile in SWEEP_TILES:
-                mxfp4.TILES[False] = mxfp4.Tile(*tile)
-                mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch, transposed=False)
-                if not torch.equal(scratch, expected):
-                    raise SystemExit(f"tile {tile} disagrees with dequantize_mxfp4 on {stack}")
-                ms = median_ms(lambda: mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch,
-                                                                     transposed=False))
-                mark = " (current)" if mxfp4.Tile(*tile) == current else ""
-                rows.append({"name": f"{stack} rows {tile[0]} cols {tile[1]} warps {tile[2]}{mark}",
-                             "tile": list(tile), "ms": ms, "gb_per_s": moved / ms / 1e6})
+            for words in (False, True):
+                mxfp4.WORD_LOADS = words
+                for tile in SWEEP_TILES:
+                    mxfp4.TILES[False] = mxfp4.Tile(*tile)
+                    scratch.fill_(float("nan"))
+                    mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch, transposed=False)
+                    if not torch.equal(scratch, expected):
+                        raise SystemExit(f"tile {tile} (word loads {words}) disagrees with dequantize_mxfp4 on {stack}")
+                    ms = median_ms(lambda: mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16,
+                                                                         out=scratch, transposed=False))
+                    mark = " (current)" if (mxfp4.Tile(*tile), words) == (current, word_loads) else ""
+                    loads = "32-bit" if words else "8-bit"
+                    rows.append({"name": f"{stack} {loads} loads rows {tile[0]} cols {tile[1]} warps {tile[2]}{mark}",
+                                 "tile": list(tile), "word_loads": words, "ms": ms, "gb_per_s": moved / ms / 1e6})
     finally:
-        mxfp4.TILES[False] = current
+        mxfp4.TILES[False], mxfp4.WORD_LOADS = current, word_loads
     return rows
 
 

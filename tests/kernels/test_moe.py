@@ -12,7 +12,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from osstune.kernels import moe
 from osstune.kernels.moe import combine_experts, gate_activation
-from osstune.kernels.swiglu import clamp_swiglu
+from osstune.kernels.swiglu import clamp_swiglu, clamp_swiglu_values
 from osstune.models.gpt_oss import experts as experts_module
 from osstune.models.gpt_oss.experts import (
     ClampSwiGLUGate,
@@ -143,12 +143,13 @@ def test_gate_torch_path_is_accurate_to_the_storage_dtype(dtype: torch.dtype):
     act, stored, grad_base, grad_lora = run_gate(base, lora, bias, expert, grad_out, use_triton=False)
     tol = STORAGE_TOLERANCES[dtype]
     pre = exact_pre(base, lora, bias, expert)
-    ref_act, _ = gate_reference(pre, grad_out)
     assert act.dtype == stored.dtype == grad_base.dtype == dtype
     torch.testing.assert_close(stored.double(), pre, rtol=tol, atol=0)  # the pre-activation, rounded once
+    # The activation and the backward are both taken at the stored pre-activation, so that the activation can be
+    # rebuilt from it bit for bit.
+    ref_act, ref_grad = gate_reference(stored, grad_out)
     torch.testing.assert_close(act.double(), ref_act, rtol=tol, atol=1e-6)
-    # The backward differentiates at the stored pre-activation.
-    _, ref_grad = gate_reference(stored, grad_out)
+    assert torch.equal(act, clamp_swiglu_values(stored, alpha=ALPHA, limit=LIMIT))
     torch.testing.assert_close(grad_base.double(), ref_grad, rtol=tol, atol=1e-6)
     assert torch.equal(grad_lora, grad_base)
 
@@ -220,11 +221,11 @@ def test_gate_triton_kernel_matches_float64_reference(
     grad_out = rand(rows, width // 2, seed=11).to(dtype)
     act, stored, grad_base, grad_lora = run_gate(base, lora, bias, expert, grad_out, use_triton=True)
     pre = exact_pre(base, lora, bias, expert)
-    ref_act, _ = gate_reference(pre, grad_out)
-    _, ref_grad = gate_reference(stored, grad_out)
+    ref_act, ref_grad = gate_reference(stored, grad_out)  # both at the stored pre-activation
     assert act.dtype == stored.dtype == grad_base.dtype == dtype
     torch.testing.assert_close(stored.double(), pre, rtol=tol, atol=1e-6)
     torch.testing.assert_close(act.double(), ref_act, rtol=tol, atol=1e-6)
+    assert torch.equal(act, swiglu_kernels.clamp_swiglu_forward(stored.contiguous(), ALPHA, LIMIT))  # rebuildable
     torch.testing.assert_close(grad_base.double(), ref_grad, rtol=tol, atol=1e-6)
     assert torch.equal(grad_lora, grad_base)
 

@@ -41,13 +41,15 @@ def gate_activation(
     alpha: float,
     limit: float,
     use_triton: bool | None = None,
-) -> torch.Tensor:
+    with_pre: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``clamp_swiglu(base + bias[expert] + lora)`` in one pass, differentiable in ``base_SF`` and ``lora_SF``.
 
-    The caller gives ``base_SF`` up: it is overwritten in place with the pre-activation (rounded to its dtype; the
-    Triton path writes a contiguous copy instead when it is not contiguous), which is the only tensor kept for the
-    backward pass and becomes an output of the autograd graph. It must therefore not be a leaf that requires grad.
-    The activation is computed from the float32 pre-activation; the backward differentiates at the stored one.
+    The caller gives ``base_SF`` up: it is overwritten in place with the pre-activation (summed in float32, rounded
+    once to its dtype; the Triton path writes a contiguous copy instead when it is not contiguous), which is the
+    only tensor kept for the backward pass and becomes an output of the autograd graph. It must therefore not be a
+    leaf that requires grad. The activation is computed from the stored (rounded) pre-activation, so
+    ``clamp_swiglu(pre)`` rebuilds it bit for bit, and the backward differentiates at that same point.
 
     Args:
         base_SF: the base projection ``[S, F]`` of rows sorted by expert, F even, gate and up columns interleaved
@@ -60,9 +62,10 @@ def gate_activation(
         limit: clamp limit (``config.swiglu_limit``).
         use_triton: run the Triton kernels (True), PyTorch (False), or choose by device (None: Triton on CUDA for
             float32/float16/bfloat16). True on CPU tensors works only under Triton's interpreter.
+        with_pre: also return the pre-activation the backward pass keeps (to rebuild the activation from it).
 
     Returns:
-        The activation ``[S, F / 2]`` in the dtype of ``base_SF``.
+        The activation ``[S, F / 2]`` in the dtype of ``base_SF``; with ``with_pre``, ``(activation, pre)``.
 
     Raises:
         ValueError: shapes that do not fit together, an odd F, or the Triton kernels asked for a dtype they do not
@@ -81,15 +84,17 @@ def gate_activation(
         pre_SF = base_SF + bias_EF.index_select(0, expert_S)
         if lora_SF is not None:
             pre_SF = pre_SF + lora_SF
-        return clamp_swiglu(pre_SF.to(base_SF.dtype), alpha=alpha, limit=limit, use_triton=use_triton)
+        pre_SF = pre_SF.to(base_SF.dtype)
+        act_SI = clamp_swiglu(pre_SF, alpha=alpha, limit=limit, use_triton=use_triton)
+        return (act_SI, pre_SF) if with_pre else act_SI
     use_triton = _resolve_triton(use_triton, base_SF.is_cuda, base_SF.dtype)
     if use_triton:
         base_SF = base_SF.contiguous()
         lora_SF = None if lora_SF is None else lora_SF.to(base_SF.dtype).contiguous()
         bias_EF = None if bias_EF is None else bias_EF.to(base_SF.dtype).contiguous()
         expert_S = expert_S.contiguous()
-    act_SI, _ = GateActivation.apply(base_SF, lora_SF, bias_EF, expert_S, float(alpha), float(limit), use_triton)
-    return act_SI
+    act_SI, pre_SF = GateActivation.apply(base_SF, lora_SF, bias_EF, expert_S, float(alpha), float(limit), use_triton)
+    return (act_SI, pre_SF) if with_pre else act_SI
 
 
 class GateActivation(torch.autograd.Function):
@@ -179,7 +184,7 @@ def torch_gate_activation_forward(
     if lora_SF is not None:
         pre_SF.add_(lora_SF)
     base_SF.copy_(pre_SF)
-    return torch_clamp_swiglu_forward(pre_SF, alpha, limit).to(base_SF.dtype)
+    return torch_clamp_swiglu_forward(base_SF, alpha, limit)
 
 
 def combine_experts(

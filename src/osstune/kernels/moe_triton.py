@@ -53,7 +53,8 @@ def _gate_activation_fwd_kernel(
     base_ptr, lora_ptr, bias_ptr, expert_ptr, act_ptr, num_rows, width, alpha, limit,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """``pre = base + bias[expert[s]] + lora``, stored over ``base``; ``act = clamp_swiglu(pre)`` of float32 ``pre``."""
+    """``pre = base + bias[expert[s]] + lora`` (float32 sum), stored over ``base``; ``act = clamp_swiglu(pre)`` of
+    the stored ``pre``, as ``clamp_swiglu_forward`` computes it from there."""
     rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1) * (2 * BLOCK_J) + tl.arange(0, 2 * BLOCK_J)
     row_mask = rows < num_rows
@@ -65,8 +66,9 @@ def _gate_activation_fwd_kernel(
         pre += tl.load(bias_ptr + expert[:, None] * (2 * width) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
         pre += tl.load(lora_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(base_ptr + offsets, pre.to(base_ptr.dtype.element_ty), mask=mask)
-    gate, up = tl.split(tl.reshape(pre, (BLOCK_S, BLOCK_J, 2)))
+    pre = pre.to(base_ptr.dtype.element_ty)
+    tl.store(base_ptr + offsets, pre, mask=mask)
+    gate, up = tl.split(tl.reshape(pre.to(tl.float32), (BLOCK_S, BLOCK_J, 2)))
     # Comparisons rather than min/max keep NaN as torch.clamp does.
     gate = tl.where(gate > limit, limit, gate)
     up = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))

@@ -117,6 +117,42 @@ def _dequantize_mxfp4_kernel(
         tl.store(out_ptr + out_offsets, values.to(out_ty), mask=out_mask)
 
 
+@triton.jit
+def _dequantize_mxfp4_rows_kernel(
+    words_ptr, scales_ptr, out_ptr, rows, cols, words_expert_stride, words_row_stride, scales_expert_stride,
+    scales_row_stride,
+    OUT_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Decode one ``[BLOCK_R, BLOCK_C]`` tile of expert ``program_id(2)`` in the checkpoint's order, reading the
+    codes as 32-bit words: the 4 words of a scale group hold its 32 codes, code ``n`` of word ``w`` (bits
+    ``4n..4n+3``, little-endian) is column ``32 * group + 8 * w + n``. The tile is ``[rows, groups, 4, 8]``."""
+    GROUPS_PER_TILE: tl.constexpr = BLOCK_C // 32
+    expert = tl.program_id(2).to(tl.int64)
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = tl.program_id(1) * GROUPS_PER_TILE + tl.arange(0, GROUPS_PER_TILE)
+    word = tl.arange(0, 4)
+    nibble = tl.arange(0, 8)
+    groups = cols // 32
+    mask = (row < rows)[:, None] & (group < groups)[None, :]
+    scale = tl.load(scales_ptr + expert * scales_expert_stride + row[:, None] * scales_row_stride + group[None, :],
+                    mask=mask, other=0).to(tl.int32)[:, :, None, None]
+    packed = tl.load(
+        words_ptr + expert * words_expert_stride
+        + (row[:, None] * words_row_stride + group[None, :] * 4)[:, :, None] + word[None, None, :],
+        mask=mask[:, :, None], other=0,
+    )
+    codes = (packed[:, :, :, None] >> (4 * nibble)[None, None, None, :]) & 15
+    values = tl.reshape(_e2m1_bits(codes, scale, OUT_KIND), (BLOCK_R, BLOCK_C))
+    column = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out_offsets = expert * rows * cols + row[:, None] * cols + column[None, :]
+    out_mask = (row < rows)[:, None] & (column < cols)[None, :]
+    tl.store(out_ptr + out_offsets, values.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+WORD_LOADS = True
+"""Decode the checkpoint order (``transposed=False``) with ``_dequantize_mxfp4_rows_kernel`` (32-bit loads)."""
+
+
 def dequantize_mxfp4_triton(
     blocks: torch.Tensor,
     scales: torch.Tensor,
@@ -179,6 +215,15 @@ def dequantize_mxfp4_triton(
             blocks = blocks.contiguous()
         if scales.stride(2) != 1:
             scales = scales.contiguous()
+        if WORD_LOADS and not transposed:
+            words = blocks.view(torch.int32) if blocks.storage_offset() % 4 == 0 else blocks.contiguous().view(
+                torch.int32)
+            _dequantize_mxfp4_rows_kernel[grid](
+                words, scales, out.view(bits_dtype), rows, cols, words.stride(0), words.stride(1), scales.stride(0),
+                scales.stride(1),
+                OUT_KIND=kind, BLOCK_R=tile.rows, BLOCK_C=tile.cols, num_warps=tile.warps,
+            )
+            return out
         _dequantize_mxfp4_kernel[grid](
             blocks, scales, out.view(bits_dtype), rows, cols, blocks.stride(0), blocks.stride(1), scales.stride(0),
             scales.stride(1),

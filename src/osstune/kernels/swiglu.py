@@ -54,6 +54,21 @@ def clamp_swiglu(
     return out_SI.reshape(*lead, width // 2)
 
 
+def clamp_swiglu_values(gate_up_SF: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor:
+    """``clamp_swiglu`` of ``[S, F]`` outside autograd (no graph, nothing saved), on the same kernel: Triton on CUDA
+    for float32/float16/bfloat16, else PyTorch.
+
+    Args:
+        gate_up_SF: the gate/up projection ``[S, F]``, gate and up columns interleaved.
+        alpha: sigmoid scale of the gate.
+        limit: clamp limit.
+    """
+    with torch.no_grad():
+        if gate_up_SF.is_cuda and gate_up_SF.dtype in TRITON_DTYPES:
+            return _triton_kernels().clamp_swiglu_forward(gate_up_SF.contiguous(), float(alpha), float(limit))
+        return torch_clamp_swiglu_forward(gate_up_SF, float(alpha), float(limit))
+
+
 class ClampSwiGLU(torch.autograd.Function):
     """Autograd function of ``clamp_swiglu`` on ``[S, F]``; saves only the input and recomputes in the backward."""
 

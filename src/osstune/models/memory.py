@@ -491,9 +491,10 @@ def layer_activation_bytes(config: dict[str, Any], *, layer: int, lora: LoraLayo
     - gpt-oss experts, per routed (token, expert) pair (K per token): two int64 indices (expert and pair of each
       row), the gate/up output ``2I * b`` (all the fused bias + LoRA + clamp-SwiGLU keeps), the
       expert output ``H * b`` (the fused combine keeps it for the routing weights' gradient), plus, with expert
-      LoRA, the expert input ``H * b``, the activation ``I * b`` and two rank-r intermediates (r rounded up to
-      16-byte rows, as the grouped kernel pads it); the router's top-k indices and weights (experts with and
-      without LoRA both run osstune's fused expert pass);
+      LoRA, two rank-r intermediates (r rounded up to 16-byte rows, as the grouped kernel pads it) and, once per
+      token, the layer's expert input ``H * b`` (shared with a router LoRA): the LoRA factors' gradients gather
+      the expert rows again from it and recompute the activation from the gate/up output (``Rebuild``); the
+      router's top-k indices and weights (experts with and without LoRA both run osstune's fused expert pass);
     - dense gated MLP (other models): gate output, its activation and the up output ``3I * b``, plus, with LoRA,
       the shared gate/up input, the down input ``I * b`` and three intermediates.
 
@@ -536,9 +537,10 @@ def _experts_bytes(config: dict[str, Any], expert_lora: bool, router_lora: bool,
     hidden = _size(config, "hidden_size")
     inter = _size(config, "intermediate_size")
     top_k = _size(config, "num_experts_per_tok", "experts_per_token")
-    router = top_k * (INDEX_BYTES + b) + ((hidden + rank) * b if router_lora else 0)
+    router = top_k * (INDEX_BYTES + b) + (rank * b if router_lora else 0)
+    shared_input = hidden * b if router_lora or expert_lora else 0  # the layer's expert input, kept once
     pair = 2 * INDEX_BYTES + 2 * inter * b + hidden * b
     if expert_lora:
         multiple = max(1, GROUPED_MM_ALIGN_BYTES // b)  # the grouped kernel pads the rank to 16-byte rows
-        pair += (hidden + inter) * b + 2 * (-(-rank // multiple) * multiple) * b
-    return router + top_k * pair
+        pair += 2 * (-(-rank // multiple) * multiple) * b
+    return router + shared_input + top_k * pair

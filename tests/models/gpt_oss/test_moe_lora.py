@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -15,7 +16,19 @@ from transformers import GptOssConfig, GptOssForCausalLM
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
 from osstune.errors import OsstuneError
-from osstune.models.gpt_oss.experts import LoraFactors, experts_forward, grouped_mm_applies
+from osstune.models.gpt_oss.experts import (
+    ClampSwiGLUGate,
+    LoraFactors,
+    Rebuild,
+    expert_weight_grad,
+    experts_forward,
+    gather_rows,
+    gathered_rows,
+    grouped_matmul,
+    grouped_mm_applies,
+    lora_input_matmul,
+    route_by_expert,
+)
 from osstune.models.gpt_oss.moe_lora import (
     GroupedExpertLoraForward,
     disable_grouped_expert_lora,
@@ -339,6 +352,70 @@ def test_grouped_kernel_and_loop_compute_the_same_function(rank: int):
         assert rel_err(grad, loop_grad) < 1e-5
     assert loop_grads[0][2].abs().max() == 0  # expert 2 got no token, so no gradient
     assert loop_grads[0][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_rebuilt_input_matmul_gives_autograds_gradients(grouped: bool):
+    # x @ A[e] per expert block keeping only the tensor x is gathered from; expert 2 owns no row.
+    gen = torch.Generator().manual_seed(12)
+    routing = route_by_expert(torch.tensor([[0, 1], [3, 0], [1, 3], [0, 3], [3, 1]]), EXPERTS)
+    hidden_TH = torch.randn(5, HIDDEN, generator=gen).requires_grad_(True)
+    a_EIR = torch.randn(EXPERTS, HIDDEN, 8, generator=gen).requires_grad_(True)
+    probe = torch.randn(10, 8, generator=gen)
+    rebuild = Rebuild(partial(gathered_rows, top_k=TOP_K), (hidden_TH, routing.pair_S))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = lora_input_matmul(gather_rows(hidden_TH, routing, TOP_K), a_EIR, routing, grouped, rebuild)
+    grads = torch.autograd.grad((out * probe).sum(), [hidden_TH, a_EIR])
+    ref_out = grouped_matmul(hidden_TH[routing.token_S], a_EIR, routing.ends_E, grouped=False)
+    ref_grads = torch.autograd.grad((ref_out * probe).sum(), [hidden_TH, a_EIR])
+    assert torch.allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert rel_err(grad, ref_grad) < 1e-6
+    assert grads[1][2].abs().max() == 0 and grads[1][0].abs().max() > 0
+    assert not any(t.shape == (10, HIDDEN) for t in saved)  # the gathered rows are not kept
+    assert any(t is hidden_TH for t in saved)
+    assert rel_err(expert_weight_grad(hidden_TH[routing.token_S].detach(), probe, routing.ends_E, EXPERTS, grouped),
+                   grads[1]) < 1e-6
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_lora_products_keep_no_copy_of_their_inputs(grouped: bool):
+    # The fused gate: the LoRA factors' gradients gather the rows again from the layer's input and rebuild the
+    # activation from the kept pre-activation; nothing [S, H] or [S, I] is kept (the routing weights need no grad).
+    layer, loras = random_layer(torch.float32, "cpu", rank=8)
+    layer["hidden_TH"].requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = experts_forward(**layer, apply_gate=ClampSwiGLUGate(alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT),
+                              gate_up_loras=[loras[0]], down_loras=[loras[1]], grouped=grouped)
+    pairs = layer["router_indices_TK"].numel()
+    assert not any(t.shape in {(pairs, HIDDEN), (pairs, INTERMEDIATE)} for t in saved)
+    assert any(t is layer["hidden_TH"] for t in saved)
+    assert sum(t.shape == (pairs, 2 * INTERMEDIATE) for t in saved) >= 1
+    assert len({t.data_ptr() for t in saved if t.shape == (pairs, 2 * INTERMEDIATE)}) == 1  # one pre-activation
+    params = [layer["hidden_TH"], loras[0].a_EIR, loras[0].b_ERO, loras[1].a_EIR, loras[1].b_ERO]
+    probe = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)
+    grads = torch.autograd.grad((out * probe).sum(), params)
+    # The same layer with transformers' activation (unfused gate, both inputs kept) in float64.
+    layer64, loras64 = to_float64_cpu(layer, loras)
+    layer64["hidden_TH"].requires_grad_(True)
+    params64 = [layer64["hidden_TH"], loras64[0].a_EIR, loras64[0].b_ERO, loras64[1].a_EIR, loras64[1].b_ERO]
+    ref = experts_forward(**layer64, apply_gate=GptOssExpertsGate(), gate_up_loras=[loras64[0]],
+                          down_loras=[loras64[1]], grouped=False)
+    ref_grads = torch.autograd.grad((ref * probe.double()).sum(), params64)
+    assert rel_err(out.double(), ref) < 1e-5
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert ref_grad.abs().max() > 0
+        assert rel_err(grad.double(), ref_grad) < 1e-5
+
+
+class GptOssExpertsGate:
+    """transformers' activation, unfused (``experts_forward`` then keeps the inputs of its LoRA products)."""
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h[:, ::2].clamp(max=SWIGLU_LIMIT), h[:, 1::2].clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+        return (up + 1) * gate * torch.sigmoid(SWIGLU_ALPHA * gate)
 
 
 def to_float64_cpu(

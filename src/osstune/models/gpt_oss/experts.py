@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from osstune.kernels.moe import combine_experts, gate_activation
-from osstune.kernels.swiglu import clamp_swiglu
+from osstune.kernels.swiglu import clamp_swiglu, clamp_swiglu_values
 
 GROUPED_MM_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 """Dtypes for which the CUDA grouped matmul kernel is used."""
@@ -182,6 +183,92 @@ def grouped_matmul(x_SI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tensor
     return torch.cat([x_SI[start:end] @ w_EIO[e] for e, (start, end) in enumerate(zip(starts, ends))])
 
 
+def expert_weight_grad(x_SI: torch.Tensor, grad_SO: torch.Tensor, ends_E: torch.Tensor, num_experts: int,
+                       grouped: bool) -> torch.Tensor:
+    """The gradient of stacked expert weights in ``grouped_matmul(x_SI, w_EIO, ends_E)``: ``x[e].T @ grad[e]`` per
+    expert's row block, zero for experts without rows.
+
+    Args:
+        x_SI: the product's rows, sorted by expert, [S, I].
+        grad_SO: the product's gradient, [S, O].
+        ends_E: int32 end row of each expert's block, [E].
+        num_experts: E.
+        grouped: one grouped kernel launch (no host sync); otherwise a loop over the blocks (one host sync).
+
+    Returns:
+        [E, I, O] in the dtype of ``x_SI``.
+    """
+    if grouped:
+        kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return kernel(x_SI.transpose(0, 1), grad_SO, offs=ends_E)
+    ends = ends_E.tolist()
+    blocks = [x_SI[start:end].T @ grad_SO[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+    return torch.stack(blocks) if blocks else x_SI.new_zeros(num_experts, x_SI.shape[1], grad_SO.shape[1])
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How the backward pass rebuilds the input of a LoRA product from tensors the layer keeps anyway, so that the
+    product keeps no copy of its own: ``fn(*sources)`` must return exactly that input.
+
+    Args:
+        fn: the rebuilding function (it must hold no tensors itself: they would escape activation checkpointing).
+        sources: the tensors it reads.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    sources: tuple[torch.Tensor, ...]
+
+
+class RebuiltInputMatmul(torch.autograd.Function):
+    """``grouped_matmul(x_SI, a_EIR)`` that saves ``rebuild.sources`` in place of ``x_SI`` (see ``Rebuild``)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x_SI: torch.Tensor, a_EIR: torch.Tensor,
+                ends_E: torch.Tensor, grouped: bool, fn: Callable[..., torch.Tensor],
+                *sources: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a_EIR, ends_E, *sources)
+        ctx.grouped, ctx.fn = grouped, fn
+        return grouped_matmul(x_SI, a_EIR, ends_E, grouped)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_SR: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a_EIR, ends_E, *sources = ctx.saved_tensors
+        need_x, need_a = ctx.needs_input_grad[:2]
+        # In the product's dtype (autocast may have run the forward in a lower one than x's or A's); autograd casts
+        # the gradients back to their inputs' dtypes.
+        grad_SR = grad_SR.contiguous()
+        grad_x = grad_a = None
+        if need_x:
+            grad_x = grouped_matmul(grad_SR, a_EIR.to(grad_SR.dtype).transpose(1, 2), ends_E, ctx.grouped)
+        if need_a:
+            x_SI = ctx.fn(*sources).to(grad_SR.dtype)
+            grad_a = expert_weight_grad(x_SI, grad_SR, ends_E, a_EIR.shape[0], ctx.grouped)
+        return grad_x, grad_a, None, None, None, *(None for _ in sources)
+
+
+def lora_input_matmul(x_SI: torch.Tensor, a_EIR: torch.Tensor, routing: ExpertRouting, grouped: bool,
+                      rebuild: Rebuild | None) -> torch.Tensor:
+    """``x @ A[e]`` per expert's row block, the first product of a LoRA update.
+
+    Args:
+        x_SI: rows sorted by expert, [S, I].
+        a_EIR: the first factors, [E, I, R], in the dtype of ``x_SI``.
+        routing: the sorted pairs the rows belong to.
+        grouped: use the grouped matmul kernel (see ``grouped_matmul``).
+        rebuild: how the backward pass rebuilds ``x_SI`` (then only its sources are kept), or None to keep it.
+    """
+    if rebuild is None or not torch.is_grad_enabled() or not (x_SI.requires_grad or a_EIR.requires_grad):
+        return grouped_matmul(x_SI, a_EIR, routing.ends_E, grouped)
+    return RebuiltInputMatmul.apply(x_SI, a_EIR, routing.ends_E, grouped, rebuild.fn, *rebuild.sources)
+
+
+def gathered_rows(hidden_TH: torch.Tensor, pair_S: torch.Tensor, *, top_k: int) -> torch.Tensor:
+    """``hidden_TH[pair_S // top_k]``: the rows ``gather_rows`` gathered, rebuilt from the sorted pairs (a
+    ``Rebuild`` function)."""
+    return hidden_TH.index_select(0, pair_S // top_k)
+
+
 def pad_rank(factors: LoraFactors, multiple: int) -> LoraFactors:
     """Pad the rank of a LoRA update with zeros up to a multiple, leaving the update unchanged.
 
@@ -222,7 +309,8 @@ def expert_matmul(
 
 
 def lora_product(
-    x_SI: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting, loras: Sequence[LoraFactors], grouped: bool
+    x_SI: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting, loras: Sequence[LoraFactors], grouped: bool,
+    rebuild: Rebuild | None = None,
 ) -> torch.Tensor | None:
     """The LoRA updates of one projection, ``sum over loras of scaling * (x @ A[e]) @ B[e]``.
 
@@ -233,6 +321,7 @@ def lora_product(
         loras: the LoRA updates (one per active adapter).
         grouped: use the grouped matmul kernel (see ``grouped_matmul``); the LoRA rank is then zero-padded to the
             kernel's alignment.
+        rebuild: how the backward pass rebuilds ``x_SI`` from tensors kept anyway (``Rebuild``), or None to keep it.
 
     Returns:
         The summed updates, [S, O], or None without LoRA.
@@ -244,7 +333,7 @@ def lora_product(
         )
         if grouped:
             factors = pad_rank(factors, GROUPED_MM_ALIGN_BYTES // dtype.itemsize)
-        mid_SR = grouped_matmul(x_SI, factors.a_EIR, routing.ends_E, grouped) * factors.scaling
+        mid_SR = lora_input_matmul(x_SI, factors.a_EIR, routing, grouped, rebuild) * factors.scaling
         update_SO = grouped_matmul(mid_SR, factors.b_ERO, routing.ends_E, grouped)
         # In-place adds are safe: no matmul keeps its output for the backward pass.
         total_SO = update_SO if total_SO is None else total_SO.add_(update_SO)
@@ -258,6 +347,7 @@ def expert_linear(
     routing: ExpertRouting,
     loras: Sequence[LoraFactors],
     grouped: bool,
+    rebuild: Rebuild | None = None,
 ) -> torch.Tensor:
     """One expert projection with LoRA: ``x @ W[e] + b[e] + sum over loras of scaling * (x @ A[e]) @ B[e]``.
 
@@ -270,6 +360,7 @@ def expert_linear(
             of ``w_EIO``.
         grouped: use the grouped matmul kernel (see ``grouped_matmul``); the LoRA rank is then zero-padded to the
             kernel's alignment.
+        rebuild: how the backward pass rebuilds ``x_SI`` for the LoRA factors' gradient, or None to keep it.
 
     Returns:
         The projected rows, [S, O].
@@ -278,7 +369,7 @@ def expert_linear(
     out_SO = expert_matmul(x_SI, w_EIO, routing, grouped)
     if bias_EO is not None:
         out_SO.add_(bias_EO.index_select(0, routing.expert_S))
-    update_SO = lora_product(x_SI, w_EIO.dtype, routing, loras, grouped)
+    update_SO = lora_product(x_SI, w_EIO.dtype, routing, loras, grouped, rebuild)
     if update_SO is not None:
         out_SO.add_(update_SO)
     return out_SO
@@ -351,21 +442,28 @@ def experts_forward(
     """
     num_tokens, top_k = router_indices_TK.shape
     routing = route_by_expert(router_indices_TK, gate_up_EHF.shape[0])
-    x_SH = gather_rows(hidden_TH.to(gate_up_EHF.dtype), routing, top_k)
+    input_TH = hidden_TH.to(gate_up_EHF.dtype)
+    x_SH = gather_rows(input_TH, routing, top_k)
     if grouped is None:
         grouped = grouped_mm_applies(x_SH, gate_up_EHF) and grouped_mm_applies(x_SH, down_EIH)
+    # The LoRA products keep no copy of their inputs: the gathered rows are gathered again from the layer's input,
+    # the activation is computed again from the pre-activation its own backward keeps.
+    rows = Rebuild(partial(gathered_rows, top_k=top_k), (input_TH, routing.pair_S))
+    act_rebuild = None
     if isinstance(apply_gate, ClampSwiGLUGate):
-        act_SI = gate_activation(
+        act_SI, pre_SF = gate_activation(
             expert_matmul(x_SH, gate_up_EHF, routing, grouped),
-            lora_product(x_SH, gate_up_EHF.dtype, routing, gate_up_loras, grouped),
+            lora_product(x_SH, gate_up_EHF.dtype, routing, gate_up_loras, grouped, rows),
             gate_up_bias_EF,
             routing.expert_S,
             alpha=apply_gate.alpha,
             limit=apply_gate.limit,
+            with_pre=True,
         )
+        act_rebuild = Rebuild(partial(clamp_swiglu_values, alpha=apply_gate.alpha, limit=apply_gate.limit), (pre_SF,))
     else:
-        act_SI = apply_gate(expert_linear(x_SH, gate_up_EHF, gate_up_bias_EF, routing, gate_up_loras, grouped))
-    down_SH = expert_linear(act_SI, down_EIH, None, routing, down_loras, grouped)
+        act_SI = apply_gate(expert_linear(x_SH, gate_up_EHF, gate_up_bias_EF, routing, gate_up_loras, grouped, rows))
+    down_SH = expert_linear(act_SI, down_EIH, None, routing, down_loras, grouped, act_rebuild)
     return combine_experts(
         down_SH,
         down_bias_EH,
