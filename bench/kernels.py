@@ -7,7 +7,7 @@
 - MXFP4 dequantisation of one layer's expert stacks to bf16: gate_up (32 x 2880 x 5760) and down
   (32 x 2880 x 2880), with the PyTorch reference ``dequantize_mxfp4`` and with ``dequantize_mxfp4_triton``, beside
   a plain copy of as many bytes (the bandwidth bound); then the layout training reads (``transposed=False``) under
-  each launch tile of ``SWEEP_TILES``.
+  each block size of the flat kernel (whole stacks) and each launch tile of the strided kernel (slices).
 - The elementwise passes of the grouped expert forward, forward + backward, at T = 8192 tokens routed top-4
   (S = 32768 rows), F = 5760, H = 2880 in bf16, the unfused PyTorch operations against the fused passes of
   ``osstune.kernels.moe``: gate = add the gathered gate/up bias and the LoRA product to the base projection, then
@@ -158,24 +158,27 @@ def bench_dequantize() -> list[dict[str, object]]:
 
 
 SWEEP_TILES: tuple[tuple[int, int, int], ...] = (
-    (128, 64, 4), (64, 128, 4), (32, 256, 4), (64, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 512, 8),
-    (128, 256, 8), (64, 64, 4), (256, 64, 8), (32, 128, 4),
+    (128, 64, 4), (64, 128, 4), (32, 256, 4), (16, 512, 4), (64, 64, 4), (128, 128, 8),
 )
-"""(rows, cols, warps) launch tiles ``sweep_dequantize`` times."""
+"""(rows, cols, warps) launch tiles of the strided kernel ``sweep_dequantize`` times."""
+
+SWEEP_FLAT_BLOCKS: tuple[int, ...] = (1024, 2048, 4096, 8192)
+"""Code bytes per program of the flat kernel ``sweep_dequantize`` times."""
 
 
 def sweep_dequantize() -> list[dict[str, object]]:
     """Time ``dequantize_mxfp4_triton`` in the layout training uses (``transposed=False``: the checkpoint's
-    ``[E, O, I]`` order) with 8-bit and 32-bit loads of the codes (``mxfp4.WORD_LOADS``) under each tile of
-    ``SWEEP_TILES``, checking each against the reference bit for bit.
+    ``[E, O, I]`` order): the flat kernel of whole stacks under each block of ``SWEEP_FLAT_BLOCKS``, and the strided
+    kernel of slices (here the same stack, expert-minor) under each tile of ``SWEEP_TILES``, checking each against
+    the reference bit for bit.
 
     Returns:
-        One row per (stack, tile): name, tile, ms, GB/s; the tile in ``mxfp4.TILES[False]`` is marked.
+        One row per (stack, kernel, launch shape): name, ms, GB/s; the shapes in use are marked.
     """
     from osstune.kernels import mxfp4
     from osstune.models.gpt_oss.mxfp4 import dequantize_mxfp4
 
-    current, word_loads = mxfp4.TILES[False], mxfp4.WORD_LOADS
+    current_tile, current_block = mxfp4.TILES[False], mxfp4.FLAT_BLOCK
     rows = []
     try:
         for name, blocks, scales, moved in layer_stacks(seed=1):
@@ -183,22 +186,28 @@ def sweep_dequantize() -> list[dict[str, object]]:
             stack = f"{name} {experts}x{out_rows}x{groups * 32}"
             expected = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2)
             scratch = torch.empty(experts, out_rows, groups * 32, device="cuda", dtype=torch.bfloat16)
-            for words in (False, True):
-                mxfp4.WORD_LOADS = words
-                for tile in SWEEP_TILES:
-                    mxfp4.TILES[False] = mxfp4.Tile(*tile)
-                    scratch.fill_(float("nan"))
-                    mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, out=scratch, transposed=False)
-                    if not torch.equal(scratch, expected):
-                        raise SystemExit(f"tile {tile} (word loads {words}) disagrees with dequantize_mxfp4 on {stack}")
-                    ms = median_ms(lambda: mxfp4.dequantize_mxfp4_triton(blocks, scales, torch.bfloat16,
-                                                                         out=scratch, transposed=False))
-                    mark = " (current)" if (mxfp4.Tile(*tile), words) == (current, word_loads) else ""
-                    loads = "32-bit" if words else "8-bit"
-                    rows.append({"name": f"{stack} {loads} loads rows {tile[0]} cols {tile[1]} warps {tile[2]}{mark}",
-                                 "tile": list(tile), "word_loads": words, "ms": ms, "gb_per_s": moved / ms / 1e6})
+            expert_minor = (blocks.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+                            scales.permute(1, 0, 2).contiguous().permute(1, 0, 2))
+            shapes = [("flat", block, (blocks, scales)) for block in SWEEP_FLAT_BLOCKS]
+            shapes += [("strided", mxfp4.Tile(*tile), expert_minor) for tile in SWEEP_TILES]
+            for kernel, shape, (stack_blocks, stack_scales) in shapes:
+                if kernel == "flat":
+                    mxfp4.FLAT_BLOCK = shape
+                else:
+                    mxfp4.TILES[False] = shape
+
+                def run(b: torch.Tensor = stack_blocks, s: torch.Tensor = stack_scales) -> torch.Tensor:
+                    return mxfp4.dequantize_mxfp4_triton(b, s, torch.bfloat16, out=scratch, transposed=False)
+
+                scratch.fill_(float("nan"))
+                run()
+                if not torch.equal(scratch, expected):
+                    raise SystemExit(f"{kernel} {shape} disagrees with dequantize_mxfp4 on {stack}")
+                ms = median_ms(run)
+                mark = " (current)" if shape in (current_tile, current_block) else ""
+                rows.append({"name": f"{stack} {kernel} {shape}{mark}", "ms": ms, "gb_per_s": moved / ms / 1e6})
     finally:
-        mxfp4.TILES[False], mxfp4.WORD_LOADS = current, word_loads
+        mxfp4.TILES[False], mxfp4.FLAT_BLOCK = current_tile, current_block
     return rows
 
 
@@ -291,8 +300,8 @@ def main() -> int:
     print(f"| {'implementation':<55} | {'ms':>8} | {'GB/s':>7} |")
     for row in dequantize_rows:
         print(f"| {row['name']:<55} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
-    print("MXFP4 -> bf16 in the training layout ([E, O, I]), by launch tile")
-    print(f"| {'stack and tile':<60} | {'ms':>8} | {'GB/s':>7} |")
+    print("MXFP4 -> bf16 in the training layout ([E, O, I]), by kernel and launch shape")
+    print(f"| {'stack, kernel, launch shape':<60} | {'ms':>8} | {'GB/s':>7} |")
     for row in sweep_rows:
         print(f"| {row['name']:<60} | {row['ms']:8.3f} | {row['gb_per_s']:7.0f} |")
     print(f"Expert elementwise passes fwd+bwd, S={PAIRS} F={GATE_UP_WIDTH} H={HIDDEN} T={TOKENS} K={TOP_K} bf16")

@@ -3,19 +3,24 @@
 The specification is ``osstune.models.gpt_oss.mxfp4.dequantize_mxfp4``: element ``(e, r, c)`` of the checkpoint is
 ``E2M1_VALUES[code] * 2**(scale - 127)``, rounded once to float32 (exact except for overflow to ``±inf``: every
 non-zero product has at most two significant bits and is at least ``2**-128``, inside float32's subnormal range),
-then cast to the output dtype, and it lands transposed at ``out[e, c, r]``. The kernel builds the float32 bit
-pattern with integer arithmetic (no floating-point multiply, so no flush-to-zero or rounding-mode dependence), keeps
-bfloat16 as the upper half of that pattern (exact: the low 16 bits are zero) and converts to float16 with
-round-to-nearest-even, so its output is bit-identical to the reference for every code byte and scale byte.
+then cast to the output dtype, and it lands transposed at ``out[e, c, r]``. The kernels form that float32 value with
+two float32 multiplications that never round (``_e2m1_bits``; Triton keeps subnormals, no flush-to-zero), keep
+bfloat16 as the upper half of its bit pattern (exact: the low 16 bits are zero) and convert to float16 with
+round-to-nearest-even, so their output is bit-identical to the reference for every code byte and scale byte. (An
+all-integer construction of the bit pattern is as exact but took twice as long: the decode, not memory traffic,
+bounded it.)
 
 Scale byte 255 scales by ``2**128``: ``±0.5`` becomes ``±2**127``, larger codes ``±inf``, zero codes stay signed
 zeros. The reference computes exactly that wherever ``torch.ldexp`` has its exact integer-exponent kernel (torch
 2.13 does); builds whose ``ldexp`` multiplies by ``pow(2, exponent)`` give ``±inf`` for ``±0.5`` and NaN for zero
 codes at scale byte 255, and agree everywhere else.
 
-Each program decodes a tile (``TILES``) of checkpoint rows x columns of one expert: it reads the packed bytes
-row-major (16 per scale group) and each scale byte once, and writes the tile transposed so that the stores run along
-the output's contiguous dimension. The grid spans row tiles x column tiles x experts.
+A whole stack in the checkpoint's order (``transposed=False``, what the grouped expert matmuls read) is one flat
+pass: output element ``i`` is nibble ``i % 2`` of code byte ``i // 2`` and takes scale byte ``i // 32``. Slices of a
+stack and the transposed order take the strided kernel: each program decodes a tile (``TILES``) of checkpoint rows
+x columns of one expert, reads the packed bytes row-major (16 per scale group) and each scale byte once, and writes
+the tile (transposed or not) so that the stores run along the output's contiguous dimension. Its grid spans row
+tiles x column tiles x experts.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ class Tile(NamedTuple):
     warps: int
 
 
-TILES: dict[bool, Tile] = {True: Tile(128, 64, 4), False: Tile(128, 64, 4)}
-"""The launch tile for each output layout (``transposed`` True / False); ``bench/kernels.py`` times the alternatives
+TILES: dict[bool, Tile] = {True: Tile(128, 64, 4), False: Tile(16, 512, 4)}
+"""The launch tile for each output layout (``transposed`` True / False) of the strided kernel (slices of a stack;
+whole stacks in the checkpoint's order take the flat kernel); ``bench/kernels.py`` times the alternatives
 (``sweep_dequantize``)."""
 
 OUTPUT_KINDS: dict[torch.dtype, tuple[int, torch.dtype]] = {
@@ -58,16 +64,21 @@ OUTPUT_KINDS: dict[torch.dtype, tuple[int, torch.dtype]] = {
 
 @triton.jit
 def _e2m1_bits(code, scale, OUT_KIND: tl.constexpr):
-    """Bit pattern (in the output dtype's width, as int32) of ``E2M1[code] * 2**(scale - 127)`` for int32 tensors."""
+    """Bit pattern (in the output dtype's width, as int32) of ``E2M1[code] * 2**(scale - 127)`` for int32 tensors.
+
+    Two exact float32 multiplications: the code's magnitude (built from its bits) times ``2**clamp(scale - 127,
+    -126, 127)``, a normal float32, then times the rest, ``2**-1``, ``1`` or ``2**1``. Every product has at most two
+    significant bits and is 0, at least ``2**-128`` or overflows to ``inf`` (scale byte 255, codes above 0.5), so
+    neither multiplication rounds; the sign bit is set last (zero codes give signed zeros).
+    """
     magnitude = code & 7
-    exponent_bits = magnitude >> 1
-    mantissa = tl.where(exponent_bits > 0, magnitude & 1, 0)  # code 1 (0.5) is 1.0 * 2**-1
-    # Biased float32 exponent of the product, from -1 to 257: <= 0 subnormal, >= 255 overflow.
-    biased = exponent_bits + scale - 1
-    normal = (biased << 23) | (mantissa << 22)
-    subnormal = (2 + mantissa) << (tl.minimum(biased, 0) + 21)  # (2 + m) * 2**(biased - 128), in units of 2**-149
-    bits = tl.where(biased >= 255, 0x7F800000, tl.where(biased >= 1, normal, subnormal))
-    bits = tl.where(magnitude == 0, 0, bits) | ((code >> 3) << 31)
+    # E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 as float32 bit patterns: 1.m * 2**(e - 1) for e = magnitude >> 1.
+    value = tl.where(magnitude >= 2, ((126 + (magnitude >> 1)) << 23) | ((magnitude & 1) << 22),
+                     tl.where(magnitude == 1, 126 << 23, 0))
+    exponent = tl.minimum(tl.maximum(scale, 1), 254)  # biased exponent of the normal factor
+    value = value.to(tl.float32, bitcast=True) * (exponent << 23).to(tl.float32, bitcast=True)
+    value = value * ((127 + scale - exponent) << 23).to(tl.float32, bitcast=True)
+    bits = value.to(tl.int32, bitcast=True) | ((code >> 3) << 31)
     if OUT_KIND == 1:
         bits = bits >> 16
     elif OUT_KIND == 2:
@@ -118,39 +129,22 @@ def _dequantize_mxfp4_kernel(
 
 
 @triton.jit
-def _dequantize_mxfp4_rows_kernel(
-    words_ptr, scales_ptr, out_ptr, rows, cols, words_expert_stride, words_row_stride, scales_expert_stride,
-    scales_row_stride,
-    OUT_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Decode one ``[BLOCK_R, BLOCK_C]`` tile of expert ``program_id(2)`` in the checkpoint's order, reading the
-    codes as 32-bit words: the 4 words of a scale group hold its 32 codes, code ``n`` of word ``w`` (bits
-    ``4n..4n+3``, little-endian) is column ``32 * group + 8 * w + n``. The tile is ``[rows, groups, 4, 8]``."""
-    GROUPS_PER_TILE: tl.constexpr = BLOCK_C // 32
-    expert = tl.program_id(2).to(tl.int64)
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    group = tl.program_id(1) * GROUPS_PER_TILE + tl.arange(0, GROUPS_PER_TILE)
-    word = tl.arange(0, 4)
-    nibble = tl.arange(0, 8)
-    groups = cols // 32
-    mask = (row < rows)[:, None] & (group < groups)[None, :]
-    scale = tl.load(scales_ptr + expert * scales_expert_stride + row[:, None] * scales_row_stride + group[None, :],
-                    mask=mask, other=0).to(tl.int32)[:, :, None, None]
-    packed = tl.load(
-        words_ptr + expert * words_expert_stride
-        + (row[:, None] * words_row_stride + group[None, :] * 4)[:, :, None] + word[None, None, :],
-        mask=mask[:, :, None], other=0,
-    )
-    codes = (packed[:, :, :, None] >> (4 * nibble)[None, None, None, :]) & 15
-    values = tl.reshape(_e2m1_bits(codes, scale, OUT_KIND), (BLOCK_R, BLOCK_C))
-    column = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    out_offsets = expert * rows * cols + row[:, None] * cols + column[None, :]
-    out_mask = (row < rows)[:, None] & (column < cols)[None, :]
-    tl.store(out_ptr + out_offsets, values.to(out_ptr.dtype.element_ty), mask=out_mask)
+def _dequantize_mxfp4_flat_kernel(blocks_ptr, scales_ptr, out_ptr, num_bytes, OUT_KIND: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+    """Decode ``BLOCK`` consecutive code bytes of a contiguous stack into the checkpoint's order: byte ``i`` holds
+    output elements ``2i`` (low nibble) and ``2i + 1``, scaled by scale byte ``i // 16``."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < num_bytes
+    packed = tl.load(blocks_ptr + offsets, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(scales_ptr + offsets // 16, mask=mask, other=0).to(tl.int32)
+    values = tl.reshape(tl.join(_e2m1_bits(packed & 15, scale, OUT_KIND), _e2m1_bits(packed >> 4, scale, OUT_KIND)),
+                        (2 * BLOCK,))  # low nibble first
+    out_offsets = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offsets, values.to(out_ptr.dtype.element_ty), mask=out_offsets < 2 * num_bytes)
 
 
-WORD_LOADS = True
-"""Decode the checkpoint order (``transposed=False``) with ``_dequantize_mxfp4_rows_kernel`` (32-bit loads)."""
+FLAT_BLOCK = 4096
+"""Code bytes per program of the contiguous checkpoint-order kernel (``bench/kernels.py`` times the tiles)."""
 
 
 def dequantize_mxfp4_triton(
@@ -215,13 +209,10 @@ def dequantize_mxfp4_triton(
             blocks = blocks.contiguous()
         if scales.stride(2) != 1:
             scales = scales.contiguous()
-        if WORD_LOADS and not transposed:
-            words = blocks.view(torch.int32) if blocks.storage_offset() % 4 == 0 else blocks.contiguous().view(
-                torch.int32)
-            _dequantize_mxfp4_rows_kernel[grid](
-                words, scales, out.view(bits_dtype), rows, cols, words.stride(0), words.stride(1), scales.stride(0),
-                scales.stride(1),
-                OUT_KIND=kind, BLOCK_R=tile.rows, BLOCK_C=tile.cols, num_warps=tile.warps,
+        if not transposed and blocks.is_contiguous() and scales.is_contiguous():
+            # Output element i of the stack is nibble i % 2 of code byte i // 2: one flat pass.
+            _dequantize_mxfp4_flat_kernel[(triton.cdiv(blocks.numel(), FLAT_BLOCK),)](
+                blocks, scales, out.view(bits_dtype), blocks.numel(), OUT_KIND=kind, BLOCK=FLAT_BLOCK, num_warps=4,
             )
             return out
         _dequantize_mxfp4_kernel[grid](
