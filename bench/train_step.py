@@ -373,6 +373,20 @@ def linear_cross_entropy(tiny: bool, use_liger: bool) -> tuple[LinearCrossEntrop
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX), "liger fused linear CE"
 
 
+def osstune_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """osstune's fused linear cross-entropy (``osstune.kernels.cross_entropy``: chunks of 512 MiB of logits), the
+    loss of the ``osstune`` stacks wherever ``hf_best`` runs liger's.
+
+    Args:
+        weight: the output embedding ``[V, H]``.
+        hidden: ``[N, H]`` hidden states.
+        targets: ``[N]`` shifted labels.
+    """
+    from osstune.kernels.cross_entropy import linear_cross_entropy as fused
+
+    return fused(hidden, weight, targets)
+
+
 def liger_layer_kernels(model: Any) -> tuple[Callable[[], None] | None, str]:
     """Put liger-kernel's RMSNorm and rotary embedding into the model's decoder, as ``use_liger_kernel=True`` does
     in the Hugging Face Trainer (TRL's recipe flag, and ``osstune sft --use_liger_kernel true``): every
@@ -834,6 +848,8 @@ def run_stack(
     linear_ce, loss_label = (None, "HF loss") if stack == "seed" else fused
     budgets = budgets or {}
     base_stack, _, variant = stack.partition("[")
+    if base_stack == "osstune" and linear_ce is not None:
+        linear_ce, loss_label = osstune_linear_cross_entropy, "osstune fused linear CE"
     options_on = set(variant.rstrip("]").split("+")) - {""}
     parked = park_dense_experts(model) if base_stack == "osstune" and "bf16" not in options_on else []
     undo_liger, liger_label = (None, "") if stack == "seed" or setup.device.type != "cuda" or not liger else (

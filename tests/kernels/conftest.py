@@ -50,3 +50,9 @@ def mxfp4_kernels() -> Iterator[ModuleType]:
 def moe_kernels() -> Iterator[ModuleType]:
     """``osstune.kernels.moe_triton`` running in the interpreter (what ``use_triton=True`` uses)."""
     yield from interpreted_module("osstune.kernels.moe_triton")
+
+
+@pytest.fixture(scope="module")
+def cross_entropy_kernels() -> Iterator[ModuleType]:
+    """``osstune.kernels.cross_entropy_triton`` running in the interpreter (what ``use_triton=True`` uses)."""
+    yield from interpreted_module("osstune.kernels.cross_entropy_triton")
