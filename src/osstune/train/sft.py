@@ -404,13 +404,15 @@ def sharded_engine(training: TrainArgs) -> bool:
     return bool(training.deepspeed) or fsdp_config(training.fsdp) is not None
 
 
-def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, use_liger: bool, bf16: bool) -> Any:
+def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, use_liger: bool, bf16: bool,
+                       own_loss: bool = False) -> Any:
     """The ``transformers.TrainingArguments`` for a run (checkpoint rotation is osstune's, not HF's).
 
     Several processes without CUDA train on the CPU with gloo (``use_cpu``); accelerate would otherwise run each
     process on its own. The Trainer checkpoints activations itself only under DeepSpeed/FSDP (see
     :func:`sharded_engine`); otherwise :func:`fit` applies osstune's plan and the Trainer's flag stays off, so no
-    layer is wrapped twice.
+    layer is wrapped twice. With ``own_loss`` (osstune's fused loss is installed, ``install_fused_loss``) liger
+    applies its RMSNorm and RoPE but not its fused loss.
     """
     import torch
     from transformers import TrainingArguments
@@ -445,6 +447,7 @@ def training_arguments(t: TrainArgs, seed: int, run_dir: Path, has_eval: bool, u
         data_seed=seed,
         bf16=bf16,
         use_liger_kernel=use_liger,
+        liger_kernel_config={"rope": True, "rms_norm": True, "fused_linear_cross_entropy": False} if own_loss else None,
         deepspeed=_deepspeed_config(t.deepspeed),
         activation_checkpointing=sharded_engine(t) and t.gradient_checkpointing != "false",
         activation_checkpointing_kwargs={"use_reentrant": False,
@@ -586,7 +589,13 @@ def fit(
     cuda = torch.cuda.is_available()
     use_liger = _liger_notice(training, console, cuda)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    targs = training_arguments(training, data_args.seed, run_dir, data.val is not None, use_liger, bf16)
+    from osstune.models.gpt_oss.fused_loss import install_fused_loss
+
+    # With liger on, gpt-oss's loss is osstune's fused linear cross-entropy (larger chunks than liger's).
+    # (Not under DeepSpeed/FSDP, whose sharded output embedding only its own forward gathers.)
+    own_loss = use_liger and not sharded_engine(training) and install_fused_loss(
+        model.get_base_model() if hasattr(model, "get_base_model") else model)
+    targs = training_arguments(training, data_args.seed, run_dir, data.val is not None, use_liger, bf16, own_loss)
     plan = checkpoint_plan(model, data, training, data_args, liger=use_liger, console=console)
     if not sharded_engine(training):
         from osstune.train.checkpointing import apply_checkpointing
