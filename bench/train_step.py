@@ -14,8 +14,11 @@ nothing is downloaded. Each stack then wraps that model with PEFT, is timed, and
   layers on the grouped ``(X @ A) @ B`` forward with its fused kernels), the experts kept as MXFP4 blocks/scales
   (``--expert_weights mxfp4``; the model's expert weights are rounded to MXFP4 values at build time, as gpt-oss
   ships them, so every stack computes the same function), ``--gradient_checkpointing auto`` planned within
-  ``hf_best``'s peak on the same scenario, flex_attention, the same loss and liger kernels as ``hf_best``, and
-  padding-free packing (``PackingCollator`` + ``install_packed_attention_masks``) for the real-length mix.
+  ``hf_best``'s peak on the same scenario, flex_attention, liger's RMSNorm and RoPE as ``hf_best``, osstune's
+  fused linear cross-entropy (``osstune.kernels.cross_entropy``, what ``osstune sft --use_liger_kernel true``
+  trains gpt-oss with) where ``hf_best`` runs liger's, the attention masks of ``install_attention_masks``
+  (as ``osstune sft`` installs them: block masks of unpadded batches built once per shape), and padding-free
+  packing (``PackingCollator``) for the real-length mix.
   ``--osstune-variants`` adds rows that change one of these (``VARIANTS``).
 
 All stacks: LoRA r=8, alpha 16, no dropout, bf16 weights; ``seed`` and ``hf_best`` checkpoint every layer
@@ -70,7 +73,7 @@ from osstune.train.collator import (
     PackingCollator,
     PaddingCollator,
     count_trained_tokens,
-    install_packed_attention_masks,
+    install_attention_masks,
 )
 
 STACKS: tuple[str, ...] = ("seed", "hf_best", "osstune")
@@ -884,7 +887,7 @@ def run_stack(
     handles = []
     if base_stack == "osstune":
         info["lora"] = trainable_summary(peft_model)
-        handles = install_packed_attention_masks(peft_model)
+        handles = install_attention_masks(peft_model)
     sink = profile_sink if stack == "osstune" else None
     auto = base_stack == "osstune" and not options_on & {"ckptall", "nockpt"} and setup.device.type == "cuda"
     try:

@@ -19,7 +19,7 @@ from osstune.chat.options import IGNORE_INDEX
 from osstune.data.pipeline import Prepared
 from osstune.errors import OsstuneError
 from osstune.models.gpt_oss.tiny import write_tiny_model
-from osstune.train.collator import PackingCollator, PaddingCollator, install_packed_attention_masks
+from osstune.train.collator import PackingCollator, PaddingCollator, install_attention_masks
 from osstune.train.dataset import PackedDataset, SampleDataset, plan_packing
 
 X = IGNORE_INDEX
@@ -135,7 +135,7 @@ def _load(tiny_dir: Path, attn: str = "eager", device: str = "cpu") -> torch.nn.
 @pytest.fixture()
 def model(tiny_dir: Path) -> Iterator[torch.nn.Module]:
     model = _load(tiny_dir)
-    handles = install_packed_attention_masks(model)
+    handles = install_attention_masks(model)
     assert len(handles) == 1
     yield model
     for handle in handles:
@@ -192,7 +192,7 @@ def test_packed_logits_equal_each_sample_alone(model: torch.nn.Module, prepared:
 
 
 def test_without_the_hook_gpt_oss_attends_across_samples(tiny_dir: Path, prepared: Prepared) -> None:
-    # Why install_packed_attention_masks exists: transformers' gpt-oss builds its masks without position_ids.
+    # Why install_attention_masks exists: transformers' gpt-oss builds its masks without position_ids.
     model = _load(tiny_dir)
     batch, rows = _packed_batch(prepared)
     first = len(prepared.input_ids[rows[0][0]])
@@ -281,7 +281,7 @@ def test_packed_equals_unpacked_with_flex_attention(tmp_path: Path) -> None:
     model_dir = write_tiny_model(tmp_path / "model", mxfp4=False, sliding_window=128)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="flex_attention")
     model = model.cuda().eval()
-    install_packed_attention_masks(model)
+    install_attention_masks(model)
     rng = np.random.default_rng(1)
     samples = []
     for i, n in enumerate((700, 300, 129, 1, 257, 50, 128)):

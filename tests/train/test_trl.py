@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 
@@ -20,8 +21,9 @@ from osstune.train.collator import PaddingCollator  # noqa: E402
 
 def rows(batch: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The (input_ids, labels) of every real (unpadded) row, order-independent."""
+    masks = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))  # none: no pad in the batch
     return sorted((tuple(ids[mask.bool()].tolist()), tuple(lab[mask.bool()].tolist()))
-                  for ids, lab, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]))
+                  for ids, lab, mask in zip(batch["input_ids"], batch["labels"], masks))
 
 
 def test_sft_trainer_trains_prepared_data_with_the_same_masks(tmp_path: Path, tiny_model_dir: Path) -> None:

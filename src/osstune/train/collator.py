@@ -17,12 +17,13 @@ Packing and attention. :class:`PackingCollator` returns ``position_ids`` that re
 ``attention_mask``; transformers then finds the samples from the position ids and builds a block-diagonal causal
 mask, sliding-window layers included (``masking_utils.find_packed_sequence_indices``), for eager, sdpa and
 flex_attention. gpt-oss in transformers 5.24 does not pass ``position_ids`` to its mask builders, so without
-:func:`install_packed_attention_masks` attention crosses sample boundaries; call it once on the model before
+:func:`install_attention_masks` attention crosses sample boundaries; call it once on the model before
 training with packing.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,9 +72,10 @@ def count_trained_tokens(labels: torch.Tensor) -> int:
 class PaddingCollator:
     """Right-pads items to the longest in the batch.
 
-    Returns ``input_ids`` (pads are ``pad_token_id``), ``attention_mask`` (1 on tokens, 0 on pads) and ``labels``
-    (``IGNORE_INDEX`` on pads), all ``[batch, length]`` int64, and ``num_trained_tokens`` (int). See the module
-    docstring for how the loss is reduced.
+    Returns ``input_ids`` (pads are ``pad_token_id``), ``attention_mask`` (1 on tokens, 0 on pads; left out when
+    the batch has no pad, which means the same to the model and lets it reuse its masks, ``install_attention_masks``)
+    and ``labels`` (``IGNORE_INDEX`` on pads), all ``[batch, length]`` int64, and ``num_trained_tokens`` (int). See
+    the module docstring for how the loss is reduced.
 
     Args:
         pad_token_id: token id written on pad positions (never attended to, never trained).
@@ -101,12 +103,11 @@ class PaddingCollator:
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
             labels[row, : len(ids)] = row_labels
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "num_trained_tokens": count_trained_tokens(labels),
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "num_trained_tokens": count_trained_tokens(labels)}
+        if all(len(ids) == length for ids, _ in pairs):
+            del batch["attention_mask"]
+        return batch
 
 
 class PackingCollator:
@@ -116,7 +117,7 @@ class PackingCollator:
     :class:`~osstune.train.dataset.PackedDataset` that also carries ``position_ids`` restarting at 0 for each of
     its samples. The batch holds ``input_ids``, ``labels`` and ``position_ids``, all ``[1, total]`` int64, and
     ``num_trained_tokens`` (int); no ``attention_mask``, so the model builds a block-diagonal causal mask from the
-    position ids (gpt-oss needs :func:`install_packed_attention_masks` for that). The first label of every sample
+    position ids (gpt-oss needs :func:`install_attention_masks` for that). The first label of every sample
     is set to ``IGNORE_INDEX``, so the last position of one sample never predicts the first token of the next (this
     matters where labels equal input ids, as with ``--loss_scale all``); unpacked, that label is never a target
     either, so packed and unpacked samples train exactly the same positions. See the module docstring for how the
@@ -147,15 +148,22 @@ class PackingCollator:
         }
 
 
-def _packed_masks_hook(
+MASK_CACHE_SIZE = 8
+"""Shapes whose flex_attention block masks a decoder keeps (``install_attention_masks``), least recently used
+dropped first."""
+
+
+def _masks_hook(
     module: GptOssModel, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """Forward pre-hook of a gpt-oss decoder: build per-sample masks from packed ``position_ids``.
+    """Forward pre-hook of a gpt-oss decoder: per-sample masks for packed rows, reused masks for plain ones.
 
-    Acts only on a call with ``position_ids`` that hold several samples, no attention mask and no cache (a
-    training or scoring forward); other calls pass unchanged. It sets ``attention_mask`` to the mapping from layer
-    type to mask that the decoder accepts in place of a 2-D mask, built by transformers' own mask builders with the
-    position ids, for the attention implementation the model is configured with.
+    Acts only on a call with no attention mask and no cache (a training or scoring forward); other calls pass
+    unchanged. With ``position_ids`` that hold several samples it builds the per-sample masks; without, under
+    flex_attention, it takes the block masks of an earlier call of the same batch shape (they depend on nothing
+    else) or builds and keeps them. Either way it sets ``attention_mask`` to the mapping from layer type to mask
+    that the decoder accepts in place of a 2-D mask, built by transformers' own mask builders (with the position
+    ids), for the attention implementation the model is configured with.
 
     Args:
         module: the ``GptOssModel`` being called.
@@ -165,21 +173,41 @@ def _packed_masks_hook(
     Returns:
         The arguments with ``attention_mask`` filled in, or None to leave the call as it is.
     """
-    position_ids = kwargs.get("position_ids")
     if (
-        position_ids is None
-        or len(args) > 1
+        len(args) > 1
         or kwargs.get("attention_mask") is not None
         or kwargs.get("cache") is not None
         or kwargs.get("past_key_values") is not None
     ):
         return None
-    if position_ids.ndim == 1:
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.ndim == 1:
         position_ids = position_ids[None]
-    if find_packed_sequence_indices(position_ids) is None:
+    packed = position_ids is not None and find_packed_sequence_indices(position_ids) is not None
+    if not packed and module.config._attn_implementation != "flex_attention":
         return None
     embeds = kwargs.get("inputs_embeds")
     tokens = embeds if embeds is not None else (args[0] if args else kwargs["input_ids"])
+    if packed:
+        kwargs["attention_mask"] = _build_masks(module, tokens, embeds, position_ids)
+        return args, kwargs
+    # Creating flex block masks costs milliseconds of host time per call (a compile wrapper each), before the
+    # step's first kernels; plain masks depend only on the batch shape.
+    cache: OrderedDict[Any, dict[str, Any]] = module.__dict__.setdefault("_osstune_block_masks", OrderedDict())
+    key = (tuple(tokens.shape[:2]), tokens.device)
+    if key in cache:
+        cache.move_to_end(key)
+    else:
+        cache[key] = _build_masks(module, tokens, embeds, None)
+        while len(cache) > MASK_CACHE_SIZE:
+            cache.popitem(last=False)
+    kwargs["attention_mask"] = dict(cache[key])
+    return args, kwargs
+
+
+def _build_masks(module: GptOssModel, tokens: torch.Tensor, embeds: torch.Tensor | None,
+                 position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """The decoder's masks by layer type, from transformers' builders (see ``_masks_hook``)."""
     dtype = embeds.dtype if embeds is not None else module.get_input_embeddings().weight.dtype
     # The mask builders read only the batch size, length, dtype and device of the embeddings.
     shape_only = torch.empty((tokens.shape[0], tokens.shape[1], 0), dtype=dtype, device=tokens.device)
@@ -187,35 +215,37 @@ def _packed_masks_hook(
     masks = {}
     for layer_type in set(module.config.layer_types):
         if layer_type not in builders:
-            raise OsstuneError(f"Packing does not support attention layers of type {layer_type!r}.")
+            raise OsstuneError(f"osstune's attention masks do not support attention layers of type {layer_type!r}.")
         masks[layer_type] = builders[layer_type](
             config=module.config, inputs_embeds=shape_only, attention_mask=None, cache=None, position_ids=position_ids
         )
-    kwargs["attention_mask"] = masks
-    return args, kwargs
+    return masks
 
 
-def install_packed_attention_masks(model: torch.nn.Module) -> list[RemovableHandle]:
-    """Make a gpt-oss model keep attention within each sample of a packed row.
+def install_attention_masks(model: torch.nn.Module, *, required: bool = True) -> list[RemovableHandle]:
+    """Make a gpt-oss model keep attention within each sample of a packed row, and reuse its flex_attention masks.
 
-    Registers a forward pre-hook on every ``GptOssModel`` inside ``model`` (a ``GptOssForCausalLM``, a PEFT model
-    wrapping one, ...). When a forward gets ``position_ids`` that restart for several samples and no attention mask
-    or cache, the hook builds block-diagonal causal masks, windowed on the sliding-attention layers, for the model's
-    attention implementation (eager, sdpa or flex_attention), as transformers does for models that pass position ids
-    to their mask builders. Other forwards (padded batches, generation) are unchanged.
+    Registers a forward pre-hook (``_masks_hook``) on every ``GptOssModel`` inside ``model`` (a
+    ``GptOssForCausalLM``, a PEFT model wrapping one, ...). When a forward gets ``position_ids`` that restart for
+    several samples and no attention mask or cache, the hook builds block-diagonal causal masks, windowed on the
+    sliding-attention layers, for the model's attention implementation (eager, sdpa or flex_attention), as
+    transformers does for models that pass position ids to their mask builders. A forward without mask, positions
+    or cache under flex_attention reuses the block masks of the last forwards of its shape (``MASK_CACHE_SIZE``).
+    Other forwards (padded batches, generation) are unchanged.
 
     Args:
         model: a model holding one or more gpt-oss decoders.
+        required: raise when the model holds none (packing needs the hook); otherwise return no handles.
 
     Returns:
         The hook handles (``handle.remove()`` uninstalls one).
     """
     handles = [
-        module.register_forward_pre_hook(_packed_masks_hook, with_kwargs=True)
+        module.register_forward_pre_hook(_masks_hook, with_kwargs=True)
         for module in model.modules()
         if isinstance(module, GptOssModel)
     ]
-    if not handles:
+    if not handles and required:
         raise OsstuneError(
             f"--packing true needs a gpt-oss model; {type(model).__name__} holds none. Use --packing false."
         )

@@ -724,15 +724,16 @@ def checkpoint_plan(model: Any, data: Any, training: TrainArgs, data_args: SftDa
 
 def batching(model: Any, tokenizer: Any, data: Any, data_args: SftDataArgs) -> tuple[Any, Any, Any]:
     """Train and eval datasets and the collator: padded batches, or packed rows with per-sample attention."""
-    from osstune.train.collator import PackingCollator, PaddingCollator, install_packed_attention_masks
+    from osstune.train.collator import PackingCollator, PaddingCollator, install_attention_masks
     from osstune.train.dataset import PackedDataset, SampleDataset
 
     eval_set = SampleDataset(data.val) if data.val is not None else None
     if data_args.packing:
         if not data_args.max_length:
             raise OsstuneError("--packing true needs --max_length: packed rows are at most that many tokens.")
-        install_packed_attention_masks(model)
+        install_attention_masks(model)
         return PackedDataset(data.train, data_args.max_length), eval_set, PackingCollator()
+    install_attention_masks(model, required=False)  # gpt-oss under flex_attention reuses unpadded batches' masks
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SampleDataset(data.train), eval_set, PaddingCollator(pad)
 
