@@ -54,17 +54,21 @@ def clamp_swiglu(
     return out_SI.reshape(*lead, width // 2)
 
 
-def clamp_swiglu_values(gate_up_SF: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor:
-    """``clamp_swiglu`` of ``[S, F]`` outside autograd (no graph, nothing saved), on the same kernel: Triton on CUDA
-    for float32/float16/bfloat16, else PyTorch.
+def clamp_swiglu_values(gate_up_SF: torch.Tensor, *, alpha: float, limit: float,
+                        use_triton: bool | None = None) -> torch.Tensor:
+    """``clamp_swiglu`` of ``[S, F]`` outside autograd (no graph, nothing saved), on the same kernels.
 
     Args:
         gate_up_SF: the gate/up projection ``[S, F]``, gate and up columns interleaved.
         alpha: sigmoid scale of the gate.
         limit: clamp limit.
+        use_triton: the Triton kernel (True), PyTorch (False), or by device (None: Triton on CUDA for
+            float32/float16/bfloat16).
     """
+    if use_triton is None:
+        use_triton = gate_up_SF.is_cuda and gate_up_SF.dtype in TRITON_DTYPES
     with torch.no_grad():
-        if gate_up_SF.is_cuda and gate_up_SF.dtype in TRITON_DTYPES:
+        if use_triton:
             return _triton_kernels().clamp_swiglu_forward(gate_up_SF.contiguous(), float(alpha), float(limit))
         return torch_clamp_swiglu_forward(gate_up_SF, float(alpha), float(limit))
 
@@ -84,10 +88,8 @@ class ClampSwiGLU(torch.autograd.Function):
             use_triton: run the Triton kernel (else PyTorch).
         """
         if use_triton:
-            gate_up_SF = gate_up_SF.contiguous()
-            out_SI = _triton_kernels().clamp_swiglu_forward(gate_up_SF, alpha, limit)
-        else:
-            out_SI = torch_clamp_swiglu_forward(gate_up_SF, alpha, limit)
+            gate_up_SF = gate_up_SF.contiguous()  # kept for the backward as the kernel reads it
+        out_SI = clamp_swiglu_values(gate_up_SF, alpha=alpha, limit=limit, use_triton=use_triton)
         ctx.save_for_backward(gate_up_SF)
         ctx.alpha, ctx.limit, ctx.use_triton = alpha, limit, use_triton
         return out_SI

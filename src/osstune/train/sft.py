@@ -586,11 +586,11 @@ def fit(
 
         for module, parameter in zero3_external_parameters(model):
             deepspeed.zero.register_external_parameter(module, parameter)
+    from osstune.models.gpt_oss.fused_loss import install_fused_loss
+
     cuda = torch.cuda.is_available()
     use_liger = _liger_notice(training, console, cuda)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    from osstune.models.gpt_oss.fused_loss import install_fused_loss
-
     # With liger on, gpt-oss's loss is osstune's fused linear cross-entropy (larger chunks than liger's).
     # (Not under DeepSpeed/FSDP, whose sharded output embedding only its own forward gathers.)
     own_loss = use_liger and not sharded_engine(training) and install_fused_loss(
