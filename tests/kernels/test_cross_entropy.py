@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osstune.kernels.cross_entropy import IGNORE_INDEX, chunk_rows, linear_cross_entropy
+from osstune.chat.options import IGNORE_INDEX
+from osstune.kernels.cross_entropy import chunk_rows, linear_cross_entropy
 
 
 def inputs(rows: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0):

@@ -16,14 +16,11 @@ from typing import Any
 
 import torch
 
+from osstune.chat.options import IGNORE_INDEX
+from osstune.kernels.swiglu import TRITON_DTYPES
+
 CHUNK_BYTES = 2**29
 """Logits bytes of one chunk (512 MiB: 1,280 rows of gpt-oss's vocabulary in bf16)."""
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Logits dtypes of the Triton kernel."""
-
-IGNORE_INDEX = -100
-"""The target of positions that carry no loss (PyTorch's and Hugging Face's convention)."""
 
 
 def chunk_rows(vocab: int, itemsize: int) -> int:

@@ -183,8 +183,7 @@ def grouped_matmul(x_SI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tensor
     return torch.cat([x_SI[start:end] @ w_EIO[e] for e, (start, end) in enumerate(zip(starts, ends))])
 
 
-def expert_weight_grad(x_SI: torch.Tensor, grad_SO: torch.Tensor, ends_E: torch.Tensor, num_experts: int,
-                       grouped: bool) -> torch.Tensor:
+def expert_weight_grad(x_SI: torch.Tensor, grad_SO: torch.Tensor, ends_E: torch.Tensor, grouped: bool) -> torch.Tensor:
     """The gradient of stacked expert weights in ``grouped_matmul(x_SI, w_EIO, ends_E)``: ``x[e].T @ grad[e]`` per
     expert's row block, zero for experts without rows.
 
@@ -192,7 +191,6 @@ def expert_weight_grad(x_SI: torch.Tensor, grad_SO: torch.Tensor, ends_E: torch.
         x_SI: the product's rows, sorted by expert, [S, I].
         grad_SO: the product's gradient, [S, O].
         ends_E: int32 end row of each expert's block, [E].
-        num_experts: E.
         grouped: one grouped kernel launch (no host sync); otherwise a loop over the blocks (one host sync).
 
     Returns:
@@ -203,7 +201,7 @@ def expert_weight_grad(x_SI: torch.Tensor, grad_SO: torch.Tensor, ends_E: torch.
         return kernel(x_SI.transpose(0, 1), grad_SO, offs=ends_E)
     ends = ends_E.tolist()
     blocks = [x_SI[start:end].T @ grad_SO[start:end] for start, end in zip([0, *ends[:-1]], ends)]
-    return torch.stack(blocks) if blocks else x_SI.new_zeros(num_experts, x_SI.shape[1], grad_SO.shape[1])
+    return torch.stack(blocks) if blocks else x_SI.new_zeros(0, x_SI.shape[1], grad_SO.shape[1])  # no experts
 
 
 @dataclass(frozen=True)
@@ -243,7 +241,7 @@ class RebuiltInputMatmul(torch.autograd.Function):
             grad_x = grouped_matmul(grad_SR, a_EIR.to(grad_SR.dtype).transpose(1, 2), ends_E, ctx.grouped)
         if need_a:
             x_SI = ctx.fn(*sources).to(grad_SR.dtype)
-            grad_a = expert_weight_grad(x_SI, grad_SR, ends_E, a_EIR.shape[0], ctx.grouped)
+            grad_a = expert_weight_grad(x_SI, grad_SR, ends_E, ctx.grouped)
         return grad_x, grad_a, None, None, None, *(None for _ in sources)
 
 

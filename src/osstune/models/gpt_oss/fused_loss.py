@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from osstune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from osstune.chat.options import IGNORE_INDEX
+from osstune.kernels.cross_entropy import linear_cross_entropy
 
 
 def fused_loss_applies(model: Any) -> bool:
