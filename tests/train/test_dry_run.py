@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,14 @@ def measured_layer_bytes(model_dir: Path, dtype: torch.dtype, seq_len: int) -> i
     mask = create_causal_mask(config=inner.config, inputs_embeds=x, attention_mask=torch.ones(1, seq_len).long(),
                               cache=None, position_ids=positions)
     skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *rotary)}
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):  # as the Trainer runs bf16
+        return saved_storage_bytes(
+            lambda: inner.layers[1](x, attention_mask=mask, position_ids=positions, position_embeddings=rotary), skip)
+
+
+def saved_storage_bytes(run: Callable[[], object], skip: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass while ``run`` runs (tensors sharing a
+    storage counted once), leaving out the storages whose data pointers are in ``skip``."""
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -162,9 +171,8 @@ def measured_layer_bytes(model_dir: Path, dtype: torch.dtype, seq_len: int) -> i
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)  # as the Trainer runs bf16
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        inner.layers[1](x, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
     return sum(saved.values())
 
 
@@ -248,18 +256,8 @@ def test_expert_activation_bytes_are_what_the_fused_path_saves(expert_lora: bool
     weights = {param.untyped_storage().data_ptr() for param in model.parameters()}
 
     def saved_bytes(tokens: int) -> int:
-        saved: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
         x = torch.randn(1, tokens, 256, dtype=torch.bfloat16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            mlp(x)
-        return sum(saved.values())
+        return saved_storage_bytes(lambda: mlp(x), weights)
 
     per_token = (saved_bytes(192) - saved_bytes(64)) / 128
     assert per_token == _experts_bytes(config.to_dict(), expert_lora, False, 4, 2)
